@@ -1,0 +1,219 @@
+"""``compile_model``: kiln's main job — load, rewrite with a recipe, verify, and write the output directory.
+
+Order matters for the guarantees users rely on:
+
+1. everything cheap is validated first (recipe, output directory, model file, calibration data), so a mistake is
+   reported before minutes of work;
+2. the output is written into a hidden temporary directory beside ``out_dir`` and renamed into place only after
+   verification passed, so ``out_dir`` is either absent or complete, never half-written;
+3. the input model is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+import kiln
+from kiln.compiler import io, recipes
+from kiln.compiler.calibration import CalibrationData
+from kiln.compiler.pipeline import PassRecord, Pipeline
+from kiln.compiler.verify import VerificationReport, random_feeds, verify
+from kiln.errors import CalibrationError, KilnError, OutputExistsError, VerificationError
+from kiln.passes._base import PassContext
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """What a compile produced: the output directory (``None`` if nothing was written) and the report."""
+
+    out_dir: Path | None
+    report: dict[str, Any]
+    verification: VerificationReport
+
+
+class VerificationFailed(VerificationError):
+    """Verification fell outside the recipe's tolerance; carries the report so callers can show it."""
+
+    def __init__(self, message: str, result: CompileResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def resolve_model(spec: str | Path) -> tuple[Path, str | None]:
+    """A model path, or a zoo name (exported on first use); returns (path, zoo name or None)."""
+    path = Path(spec)
+    if path.exists():
+        return path, None
+    from kiln import zoo
+
+    names = {m.name for m in zoo.list_models()}
+    if str(spec) in names:
+        return zoo.export(str(spec)), str(spec)
+    return path, None  # io.load reports the missing file
+
+
+def _check_out_dir(out_dir: Path, model_path: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+        if not out_dir.is_dir():
+            raise OutputExistsError(f"{out_dir}: exists and is not a directory")
+    resolved = out_dir.resolve()
+    if resolved == model_path.resolve().parent or resolved in model_path.resolve().parents:
+        raise OutputExistsError(f"{out_dir}: output directory holds the input model; choose another directory")
+
+
+def compile_model(
+    model: str | Path,
+    out_dir: str | Path,
+    recipe: recipes.Recipe | str | Path = "rtn-w8",
+    *,
+    calibration: CalibrationData | None = None,
+    overwrite: bool = False,
+    accept_out_of_tolerance: bool = False,
+    verify_limit: int | None = None,
+    input_shapes: Mapping[str, list[int]] | None = None,
+    seed: int = 0,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> CompileResult:
+    """Compile ``model`` with ``recipe`` into ``out_dir`` (``model.onnx`` + external data + ``report.json``).
+
+    Raises :class:`VerificationFailed` (nothing written) when the result falls outside the recipe's tolerance,
+    unless ``accept_out_of_tolerance`` is set, in which case the output is written and the report says so.
+    """
+    start = time.perf_counter()
+    recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
+    out_dir = Path(out_dir)
+    model_path, zoo_name = resolve_model(model)
+    _check_out_dir(out_dir, model_path, overwrite)
+    ir_model = io.load(model_path)
+
+    from kiln import zoo
+
+    identity = zoo.identify(ir_model)
+    if calibration is None and recipe.needs_calibration:
+        if identity is None:
+            raise CalibrationError(f"recipe {recipe.name!r} needs calibration data; pass --calib")
+        calibration = CalibrationData.from_zoo(identity[0].name, identity[1])
+    if calibration is not None:
+        calibration.validate(ir_model)
+
+    if identity is not None:
+        zoo_model, variant = identity
+        feeds = zoo_model.verification_feeds(variant, limit=verify_limit)
+        metric = zoo_model.metric(variant)
+    else:
+        metric = None
+        if calibration is not None:
+            feeds = list(CalibrationData(lambda: iter(calibration), limit=verify_limit or 8))
+        else:
+            feeds = random_feeds(ir_model, count=verify_limit or 4, seed=seed, shapes=input_shapes)
+
+    size_before = io.model_bytes(model_path)
+    context = PassContext(calibration=calibration, seed=seed)
+    records = Pipeline(recipe.build_passes(context), on_pass=on_pass)(ir_model)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.kiln-tmp-"))
+    try:
+        model_file = io.save(ir_model, tmp / "model.onnx")
+        del ir_model
+        verification = verify(model_path, model_file, feeds, metric=metric, tolerance=recipe.tolerance)
+        report = _report(
+            model_path,
+            zoo_name or (identity[0].name if identity else None),
+            identity,
+            recipe,
+            records,
+            size_before,
+            io.model_bytes(model_file),
+            verification,
+            accept_out_of_tolerance,
+            start,
+        )
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        if not verification.passed and not accept_out_of_tolerance:
+            result = CompileResult(None, report, verification)
+            raise VerificationFailed(
+                "compiled model is outside the recipe's tolerance: "
+                + "; ".join(verification.failures)
+                + " (nothing written; pass --accept-out-of-tolerance to keep it anyway)",
+                result,
+            )
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return CompileResult(out_dir, report, verification)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move ``tmp`` to ``out_dir``; an existing ``out_dir`` is swapped out first and removed after."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.kiln-old-"))
+    old.rmdir()
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _report(
+    model_path: Path,
+    zoo_name: str | None,
+    identity: tuple[Any, str] | None,
+    recipe: recipes.Recipe,
+    records: list[PassRecord],
+    size_before: int,
+    size_after: int,
+    verification: VerificationReport,
+    accepted: bool,
+    start: float,
+) -> dict[str, Any]:
+    return {
+        "kiln_version": kiln.__version__,
+        "model": {"path": str(model_path), "zoo": zoo_name, "variant": identity[1] if identity else None},
+        "recipe": {"name": recipe.name, "description": recipe.description, "target": recipe.target},
+        "size": {
+            "before_bytes": size_before,
+            "after_bytes": size_after,
+            "ratio": size_before / size_after if size_after else None,
+        },
+        "passes": [r.to_dict() for r in records],
+        "verification": verification.to_dict(),
+        "tolerance": dataclasses.asdict(recipe.tolerance),
+        "accepted_out_of_tolerance": bool(accepted and not verification.passed),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays, Paths and IR enums in pass details."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (Path, ir.DataType)):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def load_report(out_dir: str | Path) -> dict[str, Any]:
+    """The ``report.json`` of a compiled output directory."""
+    path = Path(out_dir) / "report.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KilnError(f"{out_dir}: no report.json (not a kiln output directory)") from None

@@ -1,0 +1,122 @@
+"""``Pipeline``: run passes in order, checking the model between them and timing each.
+
+A pass that leaves an invalid graph is caught right after it runs, with its name in the error, rather than
+surfacing later as an opaque ONNX Runtime failure. Checks use onnx_ir's checker and shape-inference passes, which
+strip large weights before calling the ONNX C API, so they stay cheap on large models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from kiln.errors import KilnError
+from kiln.passes._base import KilnPass
+
+logger = logging.getLogger("kiln")
+
+
+class PipelineError(KilnError):
+    """A pass failed or produced a model that does not check."""
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did: for ``report.json``."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    modified: bool
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def pass_name(pass_: ir.passes.PassBase) -> str:
+    """The registry name of a kiln pass, else the class name (plain onnx_ir passes work in a pipeline too)."""
+    return getattr(pass_, "registry_name", type(pass_).__name__)
+
+
+def _options_dict(pass_: ir.passes.PassBase) -> dict[str, Any]:
+    options = getattr(pass_, "options", None)
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+
+
+class Pipeline:
+    """An ordered list of passes run in place on a model, with a check after each pass that changed it.
+
+    ``on_pass`` is called with each :class:`PassRecord` as soon as its pass finishes (for progress display).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[ir.passes.PassBase],
+        *,
+        check: bool = True,
+        infer_shapes: bool = True,
+        on_pass: Callable[[PassRecord], None] | None = None,
+    ) -> None:
+        for pass_ in passes:
+            if not isinstance(pass_, ir.passes.PassBase):
+                raise TypeError(f"Pipeline takes onnx_ir passes, got {type(pass_).__name__}")
+            if not pass_.in_place:
+                raise TypeError(f"{type(pass_).__name__} is not in place; kiln pipelines run passes in place")
+        self.passes = list(passes)
+        self.check = check
+        self.infer_shapes = infer_shapes
+        self.on_pass = on_pass
+
+    def __call__(self, model: ir.Model) -> list[PassRecord]:
+        """Run every pass on ``model`` (in place) and return what each did."""
+        records = []
+        for pass_ in self.passes:
+            name = pass_name(pass_)
+            logger.info("pass %s", name)
+            start = time.perf_counter()
+            try:
+                result = pass_(model)
+            except KilnError:
+                raise
+            except ir.passes.PreconditionError as e:
+                raise PipelineError(f"pass {name!r} cannot run on this model: {_cause(e)}") from e
+            except Exception as e:
+                raise PipelineError(f"pass {name!r} failed: {type(e).__name__}: {e}") from e
+            if result.modified:
+                self._check(name, model)
+            record = PassRecord(
+                name=name,
+                options=_options_dict(pass_),
+                seconds=time.perf_counter() - start,
+                modified=result.modified,
+                details=dict(pass_.details) if isinstance(pass_, KilnPass) else {},
+            )
+            logger.info("pass %s: %.2fs, modified=%s", name, record.seconds, record.modified)
+            records.append(record)
+            if self.on_pass is not None:
+                self.on_pass(record)
+        return records
+
+    def _check(self, name: str, model: ir.Model) -> None:
+        if self.infer_shapes:
+            common.ShapeInferencePass(strict_mode=False)(model)
+        if self.check:
+            try:
+                common.CheckerPass()(model)
+            except Exception as e:
+                raise PipelineError(f"pass {name!r} produced an invalid model: {_cause(e)}") from e
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of a chained exception: onnx_ir wraps failures in pre/postcondition errors."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

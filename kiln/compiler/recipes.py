@@ -1,0 +1,159 @@
+"""Recipes: declarative TOML files naming passes, their options, the target and the verification tolerance.
+
+A recipe file looks like::
+
+    description = "8-bit weight-only RTN"
+    target = "ort-cpu"
+
+    [[passes]]
+    name = "quantize.rtn"
+    options = { bits = 8, group_size = 128 }
+
+    [verify]
+    min_output_cosine = 0.99
+    max_metric_loss = 0.01
+    metric_loss = { perplexity = 0.01 }
+
+Built-in recipes ship in ``kiln/recipes/``; a user's own file works the same way. Everything is validated when the
+recipe is loaded (unknown keys, pass names, options and wrong types are errors), before any model is touched.
+TOML is data only: loading a recipe never executes code from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from kiln.compiler import registry
+from kiln.compiler.verify import Tolerance
+from kiln.errors import RecipeError
+from kiln.passes._base import KilnPass, PassContext
+
+#: Targets a recipe may name.
+TARGETS = ("ort-cpu",)
+
+_TOP_KEYS = {"description", "target", "passes", "verify"}
+_PASS_KEYS = {"name", "options"}
+_VERIFY_KEYS = {"min_output_cosine", "max_metric_loss", "metric_loss"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PassStep:
+    """One pass of a recipe with its validated options."""
+
+    name: str
+    options: Any
+
+    def build(self, context: PassContext | None = None) -> KilnPass:
+        return registry.get(self.name)(dataclasses.replace(self.options), context)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe."""
+
+    name: str
+    description: str
+    passes: tuple[PassStep, ...]
+    target: str = "ort-cpu"
+    tolerance: Tolerance = dataclasses.field(default_factory=Tolerance)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(registry.get(step.name).needs_calibration for step in self.passes)
+
+    def build_passes(self, context: PassContext | None = None) -> list[KilnPass]:
+        return [step.build(context) for step in self.passes]
+
+
+def builtin_names() -> list[str]:
+    """Names of the recipes that ship with kiln."""
+    files = importlib.resources.files("kiln.recipes").iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+
+
+def load(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a recipe file by path."""
+    text_path = str(name_or_path)
+    if text_path.endswith(".toml") or Path(text_path).exists():
+        path = Path(text_path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{path}: cannot read recipe ({e})") from None
+        return parse(text, name=path.stem, source=str(path))
+    if text_path not in builtin_names():
+        raise RecipeError(f"unknown recipe {text_path!r}; built-in recipes: {', '.join(builtin_names())}")
+    text = importlib.resources.files("kiln.recipes").joinpath(f"{text_path}.toml").read_text(encoding="utf-8")
+    return parse(text, name=text_path, source=f"built-in recipe {text_path!r}")
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RecipeError(f"{where} must be {names}, got {value!r}")
+    return value
+
+
+def _unknown(keys: set[str], allowed: set[str], where: str) -> None:
+    extra = sorted(keys - allowed)
+    if extra:
+        raise RecipeError(f"{where}: unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
+    """Parse and validate recipe TOML."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{source}: invalid TOML ({e})") from None
+    _unknown(set(data), _TOP_KEYS, source)
+    description = _expect(data.get("description", ""), str, f"{source}: 'description'")
+    target = _expect(data.get("target", "ort-cpu"), str, f"{source}: 'target'")
+    if target not in TARGETS:
+        raise RecipeError(f"{source}: unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    steps = []
+    for index, entry in enumerate(_expect(data.get("passes", []), list, f"{source}: 'passes'")):
+        where = f"{source}: passes[{index}]"
+        _expect(entry, dict, where)
+        _unknown(set(entry), _PASS_KEYS, where)
+        if "name" not in entry:
+            raise RecipeError(f"{where}: missing 'name'")
+        pass_name = _expect(entry["name"], str, f"{where}.name")
+        options = _expect(entry.get("options", {}), dict, f"{where}.options")
+        try:
+            steps.append(PassStep(pass_name, registry.make_options(pass_name, options)))
+        except RecipeError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    if not steps:
+        raise RecipeError(f"{source}: a recipe needs at least one pass")
+    verify = _expect(data.get("verify", {}), dict, f"{source}: 'verify'")
+    _unknown(set(verify), _VERIFY_KEYS, f"{source}: [verify]")
+    default = Tolerance()
+    numbers = (int, float)
+    tolerance = Tolerance(
+        min_output_cosine=float(
+            _expect(
+                verify.get("min_output_cosine", default.min_output_cosine),
+                numbers,
+                f"{source}: [verify] min_output_cosine",
+            )
+        ),
+        max_metric_loss=float(
+            _expect(
+                verify.get("max_metric_loss", default.max_metric_loss),
+                numbers,
+                f"{source}: [verify] max_metric_loss",
+            )
+        ),
+        metric_loss={
+            key: float(_expect(value, numbers, f"{source}: [verify] metric_loss.{key}"))
+            for key, value in _expect(verify.get("metric_loss", {}), dict, f"{source}: [verify] metric_loss").items()
+        },
+    )
+    return Recipe(name=name, description=description, passes=tuple(steps), target=target, tolerance=tolerance)

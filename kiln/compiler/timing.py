@@ -1,0 +1,43 @@
+"""Latency of several ONNX Runtime models measured side by side.
+
+The machines kiln runs on are shared and noisy, so models are timed round-robin in one process (model A, B, C,
+A, B, C, ...) after a warm-up, with the same thread count, and summarised by median and 90th percentile: a
+background burst then hits every model alike instead of skewing one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from kiln.compiler.calibration import Feed, make_session
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """Median and 90th percentile of a model's run time, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    repeats: int
+
+
+def compare_latency(
+    models: Mapping[str, str | Path], feed: Feed, *, repeats: int = 30, warmup: int = 3, threads: int = 2
+) -> dict[str, Latency]:
+    """Time every model on ``feed``, interleaved, and return its :class:`Latency` by key."""
+    sessions = {key: make_session(path, threads=threads) for key, path in models.items()}
+    samples: dict[str, list[float]] = {key: [] for key in sessions}
+    for _ in range(warmup):
+        for session in sessions.values():
+            session.run(None, feed)
+    for _ in range(repeats):
+        for key, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            samples[key].append((time.perf_counter() - start) * 1e3)
+    return {key: Latency(float(np.median(s)), float(np.percentile(s, 90)), repeats) for key, s in samples.items()}
