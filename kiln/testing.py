@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -66,3 +67,36 @@ def mlp(sizes: Sequence[int], *, batch: int | str = "batch", seed: int = 0, opse
     current.type = ir.TensorType(FLOAT)
     current.shape = ir.Shape([batch, sizes[-1]])
     return model([x], [current], nodes, inits, opset=opset, name="mlp")
+
+
+def write_matmul_chain(directory: str | Path, *, layers: int, dim: int, seed: int = 0) -> Path:
+    """Write ``directory/model.onnx``: ``layers`` MatMuls of ``dim`` x ``dim`` fp32 weights in external data.
+
+    Weights are generated and written one at a time and referenced as external tensors, so a model larger than
+    memory is written without ever holding more than one weight (nor a large ModelProto) in memory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data_name = "model.onnx.data"
+    rng = np.random.default_rng(seed)
+    x = value("x", ["batch", dim])
+    current, nodes, inits, offset = x, [], [], 0
+    with open(directory / data_name, "wb") as data:
+        for i in range(layers):
+            weight = (rng.standard_normal((dim, dim), dtype=np.float32) / np.float32(np.sqrt(dim))).astype(np.float32)
+            data.write(weight.tobytes())
+            tensor = ir.ExternalTensor(
+                data_name, offset, weight.nbytes, FLOAT, shape=ir.Shape([dim, dim]), name=f"w{i}", base_dir=directory
+            )
+            offset += weight.nbytes
+            w = ir.Value(name=f"w{i}", const_value=tensor, type=ir.TensorType(FLOAT), shape=ir.Shape([dim, dim]))
+            inits.append(w)
+            node = ir.node("MatMul", [current, w], name=f"matmul{i}")
+            current = node.outputs[0]
+            current.name = f"h{i}"
+            current.type, current.shape = ir.TensorType(FLOAT), ir.Shape(["batch", dim])
+            nodes.append(node)
+    current.name = "y"
+    path = directory / "model.onnx"
+    ir.save(model([x], [current], nodes, inits, name="matmul_chain"), path)
+    return path

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from kiln.errors import CalibrationError
+from kiln.targets.ort.runner import make_session
 
 Feed = dict[str, np.ndarray]
 
@@ -247,15 +247,6 @@ class CalibrationData:
                 seen += 1
             if seen == 0:
                 raise CalibrationError(f"calibration data {self.name!r} is empty")
-
-
-def make_session(path: str | Path, *, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session with kiln's custom-op domains registered where available."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 _NUMPY_DTYPES = {

@@ -136,15 +136,13 @@ def _print_compile(report: dict[str, Any]) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from kiln import targets
     from kiln.compiler.compile import VerificationFailed, compile_model
-    from kiln.compiler.recipes import TARGETS
     from kiln.compiler.recipes import load as load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.target:
-        if args.target not in TARGETS:
-            raise KilnError(f"unknown target {args.target!r}; targets: {', '.join(TARGETS)}")
-        recipe = dataclasses.replace(recipe, target=args.target)
+        recipe = dataclasses.replace(recipe, target=targets.get(args.target).name)
     calibration = _calibration(args.calib, args.tokenizer)
 
     def progress(record) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import onnx_ir as ir
 
 import kiln
+from kiln import targets
 from kiln.compiler import io, recipes
 from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.pipeline import PassRecord, Pipeline
@@ -92,6 +93,8 @@ def compile_model(
     """
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
+    target = targets.get(recipe.target)
+    target.check()
     out_dir = Path(out_dir)
     model_path, zoo_name = resolve_model(model)
     _check_out_dir(out_dir, model_path, overwrite)
@@ -127,7 +130,9 @@ def compile_model(
     try:
         model_file = io.save(ir_model, tmp / "model.onnx")
         del ir_model
-        verification = verify(model_path, model_file, feeds, metric=metric, tolerance=recipe.tolerance)
+        target_details = target.build(model_file, tmp)
+        targets.write_marker(tmp, target.name)
+        verification = verify(model_path, target.load(tmp), feeds, metric=metric, tolerance=recipe.tolerance)
         report = _report(
             model_path,
             zoo_name or (identity[0].name if identity else None),
@@ -140,6 +145,7 @@ def compile_model(
             accept_out_of_tolerance,
             start,
         )
+        report["target"] = {"name": target.name, **target_details}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         if not verification.passed and not accept_out_of_tolerance:
             result = CompileResult(None, report, verification)

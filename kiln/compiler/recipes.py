@@ -27,13 +27,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from kiln import targets
 from kiln.compiler import registry
 from kiln.compiler.verify import Tolerance
 from kiln.errors import RecipeError
 from kiln.passes._base import KilnPass, PassContext
-
-#: Targets a recipe may name.
-TARGETS = ("ort-cpu",)
 
 _TOP_KEYS = {"description", "target", "passes", "verify"}
 _PASS_KEYS = {"name", "options"}
@@ -115,8 +113,8 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
     _unknown(set(data), _TOP_KEYS, source)
     description = _expect(data.get("description", ""), str, f"{source}: 'description'")
     target = _expect(data.get("target", "ort-cpu"), str, f"{source}: 'target'")
-    if target not in TARGETS:
-        raise RecipeError(f"{source}: unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    if target not in targets.names():
+        raise RecipeError(f"{source}: unknown target {target!r}; targets: {', '.join(targets.names())}")
     steps = []
     for index, entry in enumerate(_expect(data.get("passes", []), list, f"{source}: 'passes'")):
         where = f"{source}: passes[{index}]"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.compiler.calibration import Feed, make_session
+from kiln.targets.base import Feed
+from kiln.targets.ort.runner import make_session
 
 
 @dataclasses.dataclass(frozen=True)

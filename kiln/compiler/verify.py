@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import Feed, make_session
 from kiln.compiler.metrics import Metric, MetricResult
 from kiln.errors import VerificationError
+from kiln.targets.base import Feed, Runner
+from kiln.targets.ort.runner import OrtRunner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,31 +94,34 @@ class VerificationReport:
 
 
 def verify(
-    reference: str | Path,
-    candidate: str | Path,
+    reference: Runner | str | Path,
+    candidate: Runner | str | Path,
     feeds: Iterable[Feed],
     *,
     metric: Metric | None = None,
     tolerance: Tolerance | None = None,
 ) -> VerificationReport:
-    """Run both models on ``feeds`` and judge the candidate against ``tolerance``."""
+    """Run both models on ``feeds`` and judge the candidate against ``tolerance``.
+
+    Models are runners of any target, or paths of ONNX files (run with ONNX Runtime on CPU).
+    """
     tolerance = tolerance or Tolerance()
     start = time.perf_counter()
-    ref_session = make_session(reference)
+    ref_runner = reference if isinstance(reference, Runner) else OrtRunner.from_path(reference)
     try:
-        new_session = make_session(candidate)
+        new_runner = candidate if isinstance(candidate, Runner) else OrtRunner.from_path(candidate)
     except Exception as e:
         raise VerificationError(f"ONNX Runtime cannot load the compiled model: {_first_line(e)}") from None
-    names = [o.name for o in ref_session.get_outputs()]
-    new_names = {o.name for o in new_session.get_outputs()}
-    if set(names) - new_names:
-        raise VerificationError(f"compiled model lost outputs: {sorted(set(names) - new_names)}")
+    names = list(ref_runner.output_names)
+    lost = set(names) - set(new_runner.output_names)
+    if lost:
+        raise VerificationError(f"compiled model lost outputs: {sorted(lost)}")
     stats = {name: OutputStats() for name in names}
     count = 0
     for feed in feeds:
-        ref_out = dict(zip(names, ref_session.run(names, feed)))
+        ref_out = ref_runner(feed)
         try:
-            new_out = dict(zip(names, new_session.run(names, feed)))
+            new_out = new_runner(feed)
         except Exception as e:
             raise VerificationError(f"the compiled model fails in ONNX Runtime: {_first_line(e)}") from None
         for name in names:
