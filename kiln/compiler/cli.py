@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ def _parse_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
         except ValueError:
             raise KilnError(f"--input-shape {item!r}: expected NAME=D1,D2,... (e.g. input_ids=1,128)") from None
     return shapes
+
+
+def _parse_target_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """--target-option KEY=VALUE: VALUE is read as TOML (numbers, true/false, "strings"), else as a bare string."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise KilnError(f"--target-option {item!r}: expected KEY=VALUE (e.g. optimize=extended)")
+        try:
+            options[key] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key] = text
+    return options
 
 
 def _calibration(spec: str | None, tokenizer: str | None):
@@ -141,8 +156,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from kiln.compiler.recipes import load as load_recipe
 
     recipe = load_recipe(args.recipe)
-    if args.target:
-        recipe = dataclasses.replace(recipe, target=targets.get(args.target).name)
+    if args.target and args.target != recipe.target:
+        # The recipe's target options belong to its own target.
+        recipe = dataclasses.replace(recipe, target=targets.get(args.target).name, target_options={})
     calibration = _calibration(args.calib, args.tokenizer)
 
     def progress(record) -> None:
@@ -159,6 +175,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             accept_out_of_tolerance=args.accept_out_of_tolerance,
             verify_limit=args.verify_limit,
             input_shapes=_parse_shapes(args.input_shape),
+            target_options=_parse_target_options(args.target_option),
             on_pass=progress,
         )
     except VerificationFailed as e:
@@ -336,6 +353,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark kiln recipes against ONNX Runtime's quantizers (or, with --kernels, GEMV kernels)."""
+    from kiln.bench.command import run
+
+    return run(args, out, err)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a compiled output directory (any target) on given or random inputs and show its outputs."""
+    import time
+
+    import numpy as np
+
+    from kiln import targets
+    from kiln.targets.feeds import npz_feed, random_feed
+
+    runner = targets.load(args.outdir)
+    specs = runner.input_specs
+    if args.inputs:
+        feed, source = npz_feed(args.inputs, specs), str(args.inputs)
+    else:
+        feed, source = random_feed(specs, shapes=_parse_shapes(args.input_shape)), "random"
+    start = time.perf_counter()
+    outputs = runner(feed)
+    seconds = time.perf_counter() - start
+    rows = {
+        name: {"shape": list(value.shape), "dtype": str(value.dtype), "first": np.ravel(value)[:5].tolist()}
+        for name, value in outputs.items()
+    }
+    if args.json:
+        inputs = {name: {"shape": list(v.shape), "dtype": str(v.dtype)} for name, v in feed.items()}
+        _print_json(
+            {"outdir": str(args.outdir), "inputs": inputs, "source": source, "outputs": rows, "seconds": seconds}
+        )
+        return 0
+    table = Table(title=f"{args.outdir}: outputs on {source} inputs ({seconds * 1e3:.1f} ms)")
+    for col in ("output", "shape", "dtype", "first values"):
+        table.add_column(col)
+    for name, row in rows.items():
+        table.add_row(name, str(row["shape"]), row["dtype"], ", ".join(f"{v:.4g}" for v in row["first"]))
+    out.print(table)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------------------------
 
 
@@ -349,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--recipe", default="rtn-w8", help="built-in recipe name or a recipe .toml file")
     p.add_argument("--target", help="deployment target (default: the recipe's)")
+    p.add_argument("--target-option", action="append", help="a target option KEY=VALUE (e.g. optimize=extended)")
     p.add_argument("--calib", help="calibration data: FILE.npz, text:FILE, images:DIR or zoo:NAME[/VARIANT]")
     p.add_argument("--tokenizer", help="tokenizer.json for --calib text:FILE")
     p.add_argument("--input-shape", action="append", help="fix an input's shape for random verification data")
@@ -394,6 +456,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="timed runs per model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run a compiled output directory on given or random inputs")
+    p.add_argument("outdir", help="a directory written by kiln compile")
+    p.add_argument("--inputs", help="FILE.npz with one array per model input (default: random inputs)")
+    p.add_argument("--input-shape", action="append", help="NAME=D1,D2,... for random inputs' dynamic dimensions")
+    p.add_argument("--json", action="store_true", help="print the outputs as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="kiln recipes vs ONNX Runtime's quantizers: bytes, latency, accuracy")
+    p.add_argument("model", nargs="?", help="model.onnx or a zoo name (not needed with --kernels)")
+    p.add_argument("--variant", default="full", help="zoo variant, e.g. decode (default: full)")
+    p.add_argument("--recipes", help="comma-separated recipes (names or .toml files; default: every built-in)")
+    p.add_argument("--targets", help="comma-separated targets to compile each recipe for (default: the recipe's)")
+    p.add_argument(
+        "--baselines",
+        help="comma-separated: ort-fp32, ort-dynamic, ort-static, ort-nbits, ort-gptq "
+        "(default: all but ort-gptq; ort-fp32 is always included)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny run: 1-2 feeds, short LM windows, few timing rounds")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of every timed session (default 2)")
+    p.add_argument("--repeats", type=int, help="timed rounds (default: fit a time budget)")
+    p.add_argument("--limit", type=int, help="evaluation feeds (default: the benchmark protocol's)")
+    p.add_argument("--kernels", action="store_true", help="GEMV micro-benchmark of weight formats vs bandwidth")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (- for stdout instead of the table)")
+    p.add_argument("--plot", metavar="FILE.png", help="write accuracy vs latency and vs bytes, Pareto front marked")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -85,15 +85,17 @@ def compile_model(
     input_shapes: Mapping[str, list[int]] | None = None,
     seed: int = 0,
     on_pass: Callable[[PassRecord], None] | None = None,
+    target_options: Mapping[str, Any] | None = None,
 ) -> CompileResult:
     """Compile ``model`` with ``recipe`` into ``out_dir`` (``model.onnx`` + external data + ``report.json``).
 
     Raises :class:`VerificationFailed` (nothing written) when the result falls outside the recipe's tolerance,
     unless ``accept_out_of_tolerance`` is set, in which case the output is written and the report says so.
+    ``target_options`` override the recipe's target options (e.g. ``{"optimize": "extended"}`` for ort-cpu).
     """
     start = time.perf_counter()
     recipe = recipe if isinstance(recipe, recipes.Recipe) else recipes.load(recipe)
-    target = targets.get(recipe.target)
+    target = targets.get(recipe.target, {**recipe.target_options, **(target_options or {})})
     target.check()
     out_dir = Path(out_dir)
     model_path, zoo_name = resolve_model(model)

@@ -3,7 +3,7 @@
 A recipe file looks like::
 
     description = "8-bit weight-only RTN"
-    target = "ort-cpu"
+    target = "ort-cpu"            # or a table: target = { name = "ort-cpu", optimize = "extended" }
 
     [[passes]]
     name = "quantize.rtn"
@@ -24,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from kiln import targets
 from kiln.compiler import registry
 from kiln.compiler.verify import Tolerance
-from kiln.errors import RecipeError
+from kiln.errors import KilnError, RecipeError
 from kiln.passes._base import KilnPass, PassContext
 
 _TOP_KEYS = {"description", "target", "passes", "verify"}
@@ -57,6 +58,7 @@ class Recipe:
     description: str
     passes: tuple[PassStep, ...]
     target: str = "ort-cpu"
+    target_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tolerance: Tolerance = dataclasses.field(default_factory=Tolerance)
 
     @property
@@ -112,9 +114,7 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: invalid TOML ({e})") from None
     _unknown(set(data), _TOP_KEYS, source)
     description = _expect(data.get("description", ""), str, f"{source}: 'description'")
-    target = _expect(data.get("target", "ort-cpu"), str, f"{source}: 'target'")
-    if target not in targets.names():
-        raise RecipeError(f"{source}: unknown target {target!r}; targets: {', '.join(targets.names())}")
+    target, target_options = _target(data.get("target", "ort-cpu"), source)
     steps = []
     for index, entry in enumerate(_expect(data.get("passes", []), list, f"{source}: 'passes'")):
         where = f"{source}: passes[{index}]"
@@ -154,4 +154,25 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
             for key, value in _expect(verify.get("metric_loss", {}), dict, f"{source}: [verify] metric_loss").items()
         },
     )
-    return Recipe(name=name, description=description, passes=tuple(steps), target=target, tolerance=tolerance)
+    return Recipe(
+        name=name,
+        description=description,
+        passes=tuple(steps),
+        target=target,
+        target_options=target_options,
+        tolerance=tolerance,
+    )
+
+
+def _target(value: Any, source: str) -> tuple[str, dict[str, Any]]:
+    """``target = "ort-cpu"`` or ``target = { name = "ort-cpu", optimize = "extended" }``, validated."""
+    if isinstance(value, dict):
+        options = dict(value)
+        name = _expect(options.pop("name", None), str, f"{source}: target.name")
+    else:
+        name, options = _expect(value, str, f"{source}: 'target'"), {}
+    try:
+        targets.get(name, options)
+    except KilnError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    return name, options

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kiln.errors import KilnError
-from kiln.targets.base import Runner, Target
+from kiln.targets.base import Runner, Target, TensorSpec, make_options
 
 #: File in every output directory naming the target that built it.
 TARGET_FILE = "target.json"
 
 
 def _registry() -> dict[str, type[Target]]:
-    from kiln.targets.ort import OrtCpuTarget
+    from kiln.targets.ort import OrtCpuTarget, OrtCudaTarget, OrtMobileTarget
 
-    return {cls.name: cls for cls in (OrtCpuTarget,)}
+    return {cls.name: cls for cls in (OrtCpuTarget, OrtMobileTarget, OrtCudaTarget)}
 
 
 def names() -> list[str]:
@@ -23,12 +25,13 @@ def names() -> list[str]:
     return sorted(_registry())
 
 
-def get(name: str) -> Target:
-    """The target registered as ``name``."""
+def get(name: str, options: Mapping[str, Any] | None = None) -> Target:
+    """The target registered as ``name``, with ``options`` validated against its ``Options``."""
     try:
-        return _registry()[name]()
+        cls = _registry()[name]
     except KeyError:
         raise KilnError(f"unknown target {name!r}; targets: {', '.join(names())}") from None
+    return cls(make_options(cls, options))
 
 
 def write_marker(out_dir: Path, name: str) -> None:
@@ -47,4 +50,4 @@ def load(out_dir: str | Path) -> Runner:
     return get(name).load(out_dir)
 
 
-__all__ = ["TARGET_FILE", "Runner", "Target", "get", "load", "names", "write_marker"]
+__all__ = ["TARGET_FILE", "Runner", "Target", "TensorSpec", "get", "load", "names", "write_marker"]

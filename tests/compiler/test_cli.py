@@ -206,3 +206,14 @@ def test_out_of_tolerance_writes_nothing_unless_accepted(capsys, model_path: Pat
     layers = report["passes"][0]["details"]["layers"]
     assert set(layers) == {"matmul0", "matmul1"}
     assert all(layer["bits"] == 2 for layer in layers.values())
+
+
+def test_target_options_from_the_command_line(capsys, model_path: Path, tmp_path: Path):
+    out_dir = tmp_path / "out"
+    argv = ["compile", model_path, "-o", out_dir, "--recipe", "cleanup", "--target-option", "optimize=extended"]
+    code, _, _ = run_cli(capsys, *argv)
+    assert code == 0
+    assert (out_dir / "model.optimized.onnx").exists()
+    bad = ["compile", model_path, "-o", tmp_path / "o2", "--recipe", "cleanup", "--target-option", "turbo=1"]
+    expect_user_error(capsys, bad, "has no option 'turbo'", tmp_path / "o2")
+    expect_user_error(capsys, [*bad[:-1], "turbo"], "expected KEY=VALUE", tmp_path / "o2")

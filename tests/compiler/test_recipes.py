@@ -101,3 +101,16 @@ def test_float_options_accept_integers():
     with pytest.raises(RecipeError):
         _check_value("p", "x", float, "1")
     assert dataclasses.is_dataclass(registry.make_options("cleanup.optimize", {}))
+
+
+def test_target_table_with_options(tmp_path: Path):
+    path = tmp_path / "t.toml"
+    path.write_text('target = { name = "ort-cpu", optimize = "extended" }\n[[passes]]\nname = "cleanup.identity"\n')
+    recipe = recipes.load(path)
+    assert recipe.target == "ort-cpu" and recipe.target_options == {"optimize": "extended"}
+    path.write_text('target = { name = "ort-cpu", optimize = "ludicrous" }\n[[passes]]\nname = "cleanup.identity"\n')
+    with pytest.raises(RecipeError, match=r"t\.toml.*optimize"):
+        recipes.load(path)
+    path.write_text('target = { optimize = "basic" }\n[[passes]]\nname = "cleanup.identity"\n')
+    with pytest.raises(RecipeError, match=r"target\.name must be str"):
+        recipes.load(path)

@@ -1,6 +1,18 @@
-"""ONNX Runtime targets: the model plus the session settings it should run with, saved as ``session.json``."""
+"""ONNX Runtime targets: ``ort-cpu``, ``ort-mobile`` and ``ort-cuda``, each a model plus ``session.json``."""
 
+from kiln.targets.ort.cuda import OrtCudaTarget
+from kiln.targets.ort.mobile import OrtMobileTarget
 from kiln.targets.ort.runner import OrtRunner, make_session
+from kiln.targets.ort.settings import Provider, SessionSettings
 from kiln.targets.ort.target import OrtCpuTarget, session
 
-__all__ = ["OrtCpuTarget", "OrtRunner", "make_session", "session"]
+__all__ = [
+    "OrtCpuTarget",
+    "OrtCudaTarget",
+    "OrtMobileTarget",
+    "OrtRunner",
+    "Provider",
+    "SessionSettings",
+    "make_session",
+    "session",
+]
