@@ -25,7 +25,8 @@ from kiln.errors import KilnError
 EXIT_USER_ERROR = 2
 EXIT_VERIFICATION = 3
 
-out = Console(highlight=False)
+# Off a terminal (pipes, CI logs) rich would wrap tables at 80 columns; 120 keeps the rows on one line.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 
@@ -125,9 +126,7 @@ def _verification_table(report: dict[str, Any]) -> Table:
             f"{metric['relative_change']:+.2%}",
         )
     for name, stats in ver["outputs"].items():
-        table.add_row(
-            f"output {name}: cosine", "1", f"{stats['cosine']:.6f}", f"max |diff| {stats['max_abs_diff']:.3g}"
-        )
+        table.add_row(f"cosine of {name}", "1", f"{stats['cosine']:.6f}", f"max |diff| {stats['max_abs_diff']:.3g}")
     return table
 
 

@@ -60,3 +60,16 @@ def test_rejects_functional_passes():
 
     with pytest.raises(TypeError, match="not in place"):
         Pipeline([Functional()])
+
+
+def test_check_passes_with_small_external_tensors(tmp_path):
+    """Regression: a 64-float bias stored as external data (exporters use a 256-byte threshold) is not
+    resolvable from an in-memory proto; the between-pass check must not trip over it."""
+    import kiln
+
+    path = tmp_path / "m.onnx"
+    ir.save(testing.mlp([32, 64, 8]), path, external_data="m.onnx.data", size_threshold_bytes=16)
+    model = kiln.load(path)
+    assert isinstance(model.graph.initializers["b0"].const_value, ir.ExternalTensor)
+    records = Pipeline([create("quantize.rtn", {"bits": 8, "group_size": 16, "min_elements": 0})])(model)
+    assert records[0].modified
