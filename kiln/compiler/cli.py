@@ -205,16 +205,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary.add_row("opsets", ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in info["opsets"].items()))
     if info["zoo"]:
         summary.add_row("zoo model", f"{info['zoo']['name']} ({info['zoo']['variant']})")
-    summary.add_row("nodes / parameters", f"{info['nodes']} / {info['parameters']:,}")
+    summary.add_row("nodes / constant elements", f"{info['nodes']} / {info['constant_elements']:,}")
     for direction in ("inputs", "outputs"):
         for v in info[direction]:
             summary.add_row(direction[:-1], f"{v['name']}: {v['dtype']} {v['shape']}")
     out.print(summary)
     weights = Table(title="weights by dtype")
-    for col in ("dtype", "tensors", "parameters", "bytes"):
+    for col in ("dtype", "tensors", "elements", "bytes"):
         weights.add_column(col, justify="left" if col == "dtype" else "right")
     for dtype, e in info["weights_by_dtype"].items():
-        weights.add_row(dtype, str(e["tensors"]), f"{e['parameters']:,}", _human_bytes(e["bytes"]))
+        weights.add_row(dtype, str(e["tensors"]), f"{e['elements']:,}", _human_bytes(e["bytes"]))
     out.print(weights)
     ops = Table(title="operators")
     ops.add_column("op")
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("inspect", help="ops, parameters and bytes by dtype, opsets, inputs and outputs")
+    p = sub.add_parser("inspect", help="ops, constant elements and bytes by dtype, opsets, inputs and outputs")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)

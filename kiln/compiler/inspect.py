@@ -1,6 +1,7 @@
-"""``inspect_model``: what is in a model — ops, parameters and bytes by dtype, opsets, inputs and outputs.
+"""``inspect_model``: what is in a model — ops, constant elements and bytes by dtype, opsets, inputs and outputs.
 
 Weights are counted from their declared shapes and dtypes, never read, so inspecting a model of any size is fast.
+Elements are tensor elements as stored: a packed 4-bit weight counts its uint8 bytes, not the weights it encodes.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         ops[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
     by_dtype: dict[str, dict[str, int]] = {}
     for tensor in constant_tensors(model):
-        entry = by_dtype.setdefault(tensor.dtype.name, {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry = by_dtype.setdefault(tensor.dtype.name, {"tensors": 0, "elements": 0, "bytes": 0})
         entry["tensors"] += 1
-        entry["parameters"] += tensor.size
+        entry["elements"] += tensor.size
         entry["bytes"] += _tensor_bytes(tensor)
     from kiln import zoo
 
@@ -70,7 +71,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         ],
         "nodes": sum(ops.values()),
         "ops": dict(ops.most_common()),
-        "parameters": sum(e["parameters"] for e in by_dtype.values()),
+        "constant_elements": sum(e["elements"] for e in by_dtype.values()),
         "weights_by_dtype": dict(sorted(by_dtype.items(), key=lambda kv: -kv[1]["bytes"])),
         "subgraphs": sum(1 for _ in model.graphs()) - 1,
         "functions": len(model.functions),

@@ -149,8 +149,8 @@ def test_inspect(capsys, model_path: Path):
     assert code == 0
     info = json.loads(out)
     assert info["ops"] == {"MatMul": 2, "Add": 2, "Relu": 1}
-    assert info["parameters"] == 32 * 64 + 64 + 64 * 8 + 8
-    assert info["weights_by_dtype"]["FLOAT"]["bytes"] == 4 * info["parameters"]
+    assert info["constant_elements"] == 32 * 64 + 64 + 64 * 8 + 8
+    assert info["weights_by_dtype"]["FLOAT"]["bytes"] == 4 * info["constant_elements"]
     assert info["inputs"] == [{"name": "x", "dtype": "FLOAT", "shape": ["batch", 32]}]
     assert info["opsets"] == {"": 21}
     code, out, _ = run_cli(capsys, "inspect", model_path)
