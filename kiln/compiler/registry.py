@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kiln import options
 from kiln.errors import RecipeError
 from kiln.passes._base import KilnPass, PassContext
 
 _REGISTRY: dict[str, type[KilnPass]] = {}
 
 # Modules whose import registers kiln's built-in passes.
-_BUILTIN_MODULES = ("kiln.passes.cleanup", "kiln.passes.quantize")
+_BUILTIN_MODULES = ("kiln.passes.cleanup", "kiln.passes.quantize", "kiln.passes.lowrank")
 
 
 def register(name: str) -> Callable[[type[KilnPass]], type[KilnPass]]:
@@ -70,69 +70,13 @@ def option_fields(cls: type[KilnPass]) -> list[tuple[str, str, Any]]:
     rows = []
     for field in dataclasses.fields(cls.Options):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        rows.append((field.name, _type_name(hints[field.name]), default))
+        rows.append((field.name, options.type_name(hints[field.name]), default))
     return rows
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _check_value(pass_name: str, key: str, tp: Any, value: Any) -> Any:
-    """Validate one option value against its annotation; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(repr(a) for a in typing.get_args(tp))
-            raise RecipeError(f"pass {pass_name!r}: option {key!r} must be one of {choices}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _check_value(pass_name, key, arg, value)
-            except RecipeError as e:
-                errors.append(str(e))
-        raise RecipeError(f"pass {pass_name!r}: option {key!r} has the wrong type: {value!r} is not {_type_name(tp)}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"pass {pass_name!r}: option {key!r} must be a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_check_value(pass_name, key, item_tp, v) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise RecipeError(f"pass {pass_name!r}: option {key!r} must be {tp.__name__}, got {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise RecipeError(f"pass {pass_name!r}: option {key!r} must be {tp.__name__}, got {value!r}")
-    return value
 
 
 def make_options(name: str, values: Mapping[str, Any] | None) -> Any:
     """Build the options dataclass of pass ``name`` from plain values, rejecting unknown keys and wrong types."""
-    cls = get(name)
-    values = dict(values or {})
-    hints = typing.get_type_hints(cls.Options)
-    known = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RecipeError(
-            f"pass {name!r} has no option {unknown[0]!r}; its options are: {', '.join(sorted(known)) or '(none)'}"
-        )
-    checked = {key: _check_value(name, key, hints[key], value) for key, value in values.items()}
-    try:
-        return cls.Options(**checked)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"pass {name!r}: {e}") from None
+    return options.build(get(name).Options, values, owner=f"pass {name!r}", error=RecipeError)
 
 
 def create(name: str, options: Mapping[str, Any] | None = None, context: PassContext | None = None) -> KilnPass:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from kiln.errors import KilnError
+from kiln import options
 
 Feed = Mapping[str, np.ndarray]
 
@@ -81,40 +79,4 @@ class Target(abc.ABC):
 
 def make_options(cls: type[Target], values: Mapping[str, Any] | None) -> Any:
     """``cls.Options`` from plain values; unknown names, wrong types and invalid values are :class:`KilnError`."""
-    values = dict(values or {})
-    hints = typing.get_type_hints(cls.Options)
-    known = {f.name for f in dataclasses.fields(cls.Options)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise KilnError(
-            f"target {cls.name!r} has no option {unknown[0]!r}; its options are: {', '.join(sorted(known)) or '(none)'}"
-        )
-    checked = {key: _check(f"target {cls.name!r}: option {key!r}", hints[key], value) for key, value in values.items()}
-    try:
-        return cls.Options(**checked)
-    except (TypeError, ValueError) as e:
-        raise KilnError(f"target {cls.name!r}: {e}") from None
-
-
-def _check(where: str, tp: Any, value: Any) -> Any:
-    """``value`` if it matches annotation ``tp`` (ints pass for floats; bools never pass for numbers)."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise KilnError(f"{where} must be one of {', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
-        return _check(where, inner, value)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise KilnError(f"{where} must be a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check(where, item, v) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if (isinstance(value, bool) and tp is not bool) or not isinstance(value, tp):
-        raise KilnError(f"{where} must be {tp.__name__}, got {value!r}")
-    return value
+    return options.build(cls.Options, values, owner=f"target {cls.name!r}")

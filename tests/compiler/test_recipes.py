@@ -92,17 +92,6 @@ def test_registry_documents_options():
     assert "cleanup.optimize" in registry.names()
 
 
-def test_float_options_accept_integers():
-    import dataclasses
-
-    from kiln.compiler.registry import _check_value
-
-    assert _check_value("p", "x", float, 1) == 1.0
-    with pytest.raises(RecipeError):
-        _check_value("p", "x", float, "1")
-    assert dataclasses.is_dataclass(registry.make_options("cleanup.optimize", {}))
-
-
 def test_target_table_with_options(tmp_path: Path):
     path = tmp_path / "t.toml"
     path.write_text('target = { name = "ort-cpu", optimize = "extended" }\n[[passes]]\nname = "cleanup.identity"\n')
