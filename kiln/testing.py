@@ -100,3 +100,102 @@ def write_matmul_chain(directory: str | Path, *, layers: int, dim: int, seed: in
     path = directory / "model.onnx"
     ir.save(model([x], [current], nodes, inits, name="matmul_chain"), path)
     return path
+
+
+def write_llama(
+    directory: str | Path,
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    heads: int,
+    seed: int = 0,
+) -> Path:
+    """Write ``directory/model.onnx``: a Llama-shaped decoder with random fp32 weights in external data.
+
+    ``input_ids`` [batch, seq] -> embedding Gather -> ``layers`` x (RMSNorm, Q/K/V/O projections with multi-head
+    attention, RMSNorm, SiLU-gated MLP of width ``intermediate``, residuals) -> RMSNorm -> LM head -> ``logits``.
+    Ops are spelled as exporters write them before fusion (RMSNorm as Mul/ReduceMean/Add/Sqrt/Reciprocal, SiLU as
+    Sigmoid*Mul); rotary embeddings and the causal mask are left out, since they hold no weights. Like
+    :func:`write_matmul_chain`, weights are generated and written one at a time, so the model may exceed memory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data_name = "model.onnx.data"
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    nodes: list[ir.Node] = []
+    inits: list[ir.Value] = []
+    offset = 0
+
+    def small(name: str, array: np.ndarray) -> ir.Value:
+        inits.append(initializer(name, array))
+        return inits[-1]
+
+    def op(op_type: str, inputs: Sequence[ir.Value], name: str, **attributes) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes=attributes, name=name)
+        node.outputs[0].name = name
+        nodes.append(node)
+        return node.outputs[0]
+
+    with open(directory / data_name, "wb") as data:
+
+        def weight(name: str, shape: tuple[int, ...], *, ones: bool = False) -> ir.Value:
+            nonlocal offset
+            if ones:
+                array = np.ones(shape, np.float32)
+            else:
+                array = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0]))
+            data.write(array.tobytes())
+            tensor = ir.ExternalTensor(
+                data_name, offset, array.nbytes, FLOAT, shape=ir.Shape(shape), name=name, base_dir=directory
+            )
+            offset += array.nbytes
+            inits.append(ir.Value(name=name, const_value=tensor, type=ir.TensorType(FLOAT), shape=ir.Shape(shape)))
+            return inits[-1]
+
+        last_axis = small("last_axis", np.array([-1], np.int64))
+        eps = small("eps", np.array(1e-5, np.float32))
+        scale = small("attention_scale", np.array(1 / np.sqrt(head_dim), np.float32))
+        split_heads = small("split_heads", np.array([0, 0, heads, head_dim], np.int64))
+        merge_heads = small("merge_heads", np.array([0, 0, hidden], np.int64))
+
+        def rms_norm(x: ir.Value, prefix: str) -> ir.Value:
+            mean = op("ReduceMean", [op("Mul", [x, x], f"{prefix}.square"), last_axis], f"{prefix}.mean")
+            root = op("Sqrt", [op("Add", [mean, eps], f"{prefix}.add_eps")], f"{prefix}.sqrt")
+            normed = op("Mul", [x, op("Reciprocal", [root], f"{prefix}.rstd")], f"{prefix}.normed")
+            return op("Mul", [normed, weight(f"{prefix}.weight", (hidden,), ones=True)], f"{prefix}.out")
+
+        def heads_of(x: ir.Value, perm: list[int], name: str) -> ir.Value:
+            return op("Transpose", [op("Reshape", [x, split_heads], f"{name}.split")], f"{name}.heads", perm=perm)
+
+        input_ids = value("input_ids", ["batch", "seq"], ir.DataType.INT64)
+        h = op("Gather", [weight("embed_tokens", (vocab, hidden)), input_ids], "embed")
+        for i in range(layers):
+            p = f"layers.{i}"
+            x = rms_norm(h, f"{p}.input_norm")
+            proj = {n: op("MatMul", [x, weight(f"{p}.{n}_proj", (hidden, hidden))], f"{p}.{n}") for n in "qkv"}
+            q = heads_of(proj["q"], [0, 2, 1, 3], f"{p}.q")
+            k = heads_of(proj["k"], [0, 2, 3, 1], f"{p}.k")
+            v = heads_of(proj["v"], [0, 2, 1, 3], f"{p}.v")
+            scores = op("Mul", [op("MatMul", [q, k], f"{p}.qk"), scale], f"{p}.scores")
+            context = op("MatMul", [op("Softmax", [scores], f"{p}.probs", axis=-1), v], f"{p}.context")
+            merged = op("Reshape", [op("Transpose", [context], f"{p}.t", perm=[0, 2, 1, 3]), merge_heads], f"{p}.m")
+            attention = op("MatMul", [merged, weight(f"{p}.o_proj", (hidden, hidden))], f"{p}.o")
+            h = op("Add", [h, attention], f"{p}.attention_residual")
+            x = rms_norm(h, f"{p}.post_attention_norm")
+            gate = op("MatMul", [x, weight(f"{p}.gate_proj", (hidden, intermediate))], f"{p}.gate")
+            up = op("MatMul", [x, weight(f"{p}.up_proj", (hidden, intermediate))], f"{p}.up")
+            silu = op("Mul", [gate, op("Sigmoid", [gate], f"{p}.sigmoid")], f"{p}.silu")
+            down = op(
+                "MatMul",
+                [op("Mul", [silu, up], f"{p}.gated"), weight(f"{p}.down_proj", (intermediate, hidden))],
+                f"{p}.down",
+            )
+            h = op("Add", [h, down], f"{p}.mlp_residual")
+        logits = op("MatMul", [rms_norm(h, "norm"), weight("lm_head", (hidden, vocab))], "logits")
+    logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", "seq", vocab])
+    path = directory / "model.onnx"
+    ir.save(model([input_ids], [logits], nodes, inits, name="llama"), path)
+    return path

@@ -10,7 +10,9 @@ each batch to the reducers, so only the running statistics are ever held in memo
 from __future__ import annotations
 
 import abc
+import math
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -142,14 +144,27 @@ class CalibrationData:
         path = Path(path)
         if not path.is_file():
             raise CalibrationError(f"{path}: calibration file not found")
+        with open(path, "rb") as f:
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+                raise CalibrationError(
+                    f"{path}: a single .npy array, not an .npz file of arrays named after the inputs"
+                )
+        if not zipfile.is_zipfile(path):
+            raise CalibrationError(f"{path}: not a readable .npz file (not a zip archive)")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(path, allow_pickle=False) as data:  # never unpickle: a pickle can run any code
+                _check_npz_members(path, data.zip)
                 arrays = {key: data[key] for key in data.files}
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise CalibrationError(f"{path}: not a readable .npz file ({e})") from None
         if not arrays:
             raise CalibrationError(f"{path}: calibration file holds no arrays")
-        counts = {key: (a.shape[0] if a.ndim else 0) for key, a in arrays.items()}
+        for key, a in arrays.items():
+            if a.ndim == 0:
+                raise CalibrationError(f"{path}: array {key!r} is a scalar; arrays hold samples along axis 0")
+            if np.issubdtype(a.dtype, np.inexact) and np.isnan(a).any():
+                raise CalibrationError(f"{path}: array {key!r} holds NaN values")
+        counts = {key: a.shape[0] for key, a in arrays.items()}
         if len(set(counts.values())) != 1:
             raise CalibrationError(f"{path}: arrays disagree on the number of samples (axis 0): {counts}")
         total = next(iter(counts.values()))
@@ -247,6 +262,27 @@ class CalibrationData:
                 seen += 1
             if seen == 0:
                 raise CalibrationError(f"calibration data {self.name!r} is empty")
+
+
+def _check_npz_members(path: Path, archive: zipfile.ZipFile) -> None:
+    """Read each member's .npy header first: refuse object (pickled) arrays, and shapes claiming more bytes than
+    the member holds, before numpy allocates an array of the declared size (a header may claim 2^40 elements)."""
+    for info in archive.infolist():
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(member)
+            name = info.filename.removesuffix(".npy")
+            if dtype.hasobject:
+                raise CalibrationError(f"{path}: array {name!r} holds Python objects (pickled); kiln never unpickles")
+            declared = math.prod(shape) * dtype.itemsize
+            stored = info.file_size - member.tell()
+            if declared > stored:
+                raise CalibrationError(
+                    f"{path}: array {name!r} declares shape {list(shape)} ({declared} bytes) but holds {stored} bytes"
+                )
 
 
 _NUMPY_DTYPES = {

@@ -5,7 +5,9 @@ Order matters for the guarantees users rely on:
 1. everything cheap is validated first (recipe, output directory, model file, calibration data), so a mistake is
    reported before minutes of work;
 2. the output is written into a hidden temporary directory beside ``out_dir`` and renamed into place only after
-   verification passed, so ``out_dir`` is either absent or complete, never half-written;
+   verification passed, so ``out_dir`` is either absent or complete, never half-written. A compile that is killed
+   leaves that temporary directory behind; the next compile into the same ``out_dir`` removes it. Each compile holds
+   an advisory lock (``flock``) on its own temporary directory, so a concurrent compile never removes a live one;
 3. the input model is only read.
 """
 
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import os
 import shutil
 import tempfile
 import time
@@ -20,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 import kiln
@@ -28,8 +34,20 @@ from kiln.compiler import io, recipes
 from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.pipeline import PassRecord, Pipeline
 from kiln.compiler.verify import VerificationReport, random_feeds, verify
-from kiln.errors import CalibrationError, KilnError, OutputExistsError, VerificationError
+from kiln.errors import CalibrationError, KilnError, ModelLoadError, OutputExistsError, VerificationError
 from kiln.passes._base import PassContext
+from kiln.targets.base import Feed, Runner, TensorSpec
+from kiln.targets.ort.runner import OrtRunner
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: compiles still work, stale temporary directories are just not cleaned
+    fcntl = None
+
+logger = logging.getLogger("kiln")
+
+#: Random verification inputs larger than this (elements per input) are refused rather than allocated.
+MAX_RANDOM_INPUT_ELEMENTS = 2**26
 
 
 @dataclasses.dataclass
@@ -121,6 +139,7 @@ def compile_model(
         if calibration is not None:
             feeds = list(CalibrationData(lambda: iter(calibration), limit=verify_limit or 8))
         else:
+            _check_random_input_sizes(ir_model, input_shapes or {})
             feeds = random_feeds(ir_model, count=verify_limit or 4, seed=seed, shapes=input_shapes)
 
     size_before = io.model_bytes(model_path)
@@ -128,13 +147,22 @@ def compile_model(
     records = Pipeline(recipe.build_passes(context), on_pass=on_pass)(ir_model)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.kiln-tmp-"))
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}{_TMP}"))
+    lock = _lock(tmp)
     try:
         model_file = io.save(ir_model, tmp / "model.onnx")
         del ir_model
         target_details = target.build(model_file, tmp)
         targets.write_marker(tmp, target.name)
-        verification = verify(model_path, target.load(tmp), feeds, metric=metric, tolerance=recipe.tolerance)
+        reference = _InputRunner(model_path)
+        try:
+            candidate = target.load(tmp)
+        except KilnError:
+            raise
+        except Exception as e:
+            raise VerificationError(f"ONNX Runtime cannot load the compiled model: {_first_line(e)}") from None
+        verification = verify(reference, candidate, feeds, metric=metric, tolerance=recipe.tolerance)
         report = _report(
             model_path,
             zoo_name or (identity[0].name if identity else None),
@@ -161,7 +189,54 @@ def compile_model(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        _unlock(lock)
     return CompileResult(out_dir, report, verification)
+
+
+_TMP, _OLD = ".kiln-tmp-", ".kiln-old-"
+
+
+def _lock(directory: Path, *, wait: bool = False) -> int | None:
+    """Hold an exclusive ``flock`` on ``directory`` (released by the kernel even on SIGKILL); None without fcntl.
+
+    Without ``wait``, a directory locked by someone else raises ``OSError`` at once.
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporary (and swapped-out old) directories of earlier compiles into ``out_dir`` that died.
+
+    Only directories nobody holds locked are removed: a compile running concurrently keeps its own.
+    """
+    if fcntl is None:
+        return
+    prefixes = tuple(f".{out_dir.name}{kind}" for kind in (_TMP, _OLD))
+    for entry in out_dir.parent.iterdir():
+        if not entry.name.startswith(prefixes) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = _lock(entry)
+        except OSError:  # locked by a live compile, or gone meanwhile
+            continue
+        try:
+            logger.info("removing %s, left by a compile that did not finish", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            _unlock(fd)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -169,15 +244,66 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         tmp.rename(out_dir)
         return
-    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.kiln-old-"))
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}{_OLD}"))
     old.rmdir()
-    out_dir.rename(old)
+    lock = _lock(out_dir, wait=True)  # held across the rename, so a concurrent compile does not take it for stale
     try:
-        tmp.rename(out_dir)
-    except OSError:
-        old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            old.rename(out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        _unlock(lock)
+
+
+def _check_random_input_sizes(model: ir.Model, shapes: Mapping[str, list[int]]) -> None:
+    """Refuse, before allocating anything, random verification inputs of absurd declared size (e.g. 2^40)."""
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers or value.shape is None:
+            continue
+        shape = shapes.get(value.name) or [d if isinstance(d, int) else 1 for d in value.shape]
+        elements = math.prod(shape)
+        if elements > MAX_RANDOM_INPUT_ELEMENTS:
+            raise KilnError(
+                f"input {value.name!r} of shape {list(shape)} has {elements} elements, too many for random "
+                f"verification data (max {MAX_RANDOM_INPUT_ELEMENTS}); give --input-shape or calibration data"
+            )
+
+
+class _InputRunner(Runner):
+    """The input model in ONNX Runtime, for verification: its failures are problems with the input, so they
+    become a :class:`KilnError` naming the file rather than a traceback."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.runner = OrtRunner.from_path(path)
+        except KilnError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {_first_line(e)}") from None
+        self.input_names = self.runner.input_names
+        self.output_names = self.runner.output_names
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return self.runner.input_specs
+
+    def __call__(self, feed: Feed) -> dict[str, np.ndarray]:
+        try:
+            return self.runner(feed)
+        except Exception as e:
+            raise ModelLoadError(
+                f"{self.path}: ONNX Runtime fails on the verification inputs: {_first_line(e)}"
+            ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 def _report(

@@ -9,6 +9,7 @@ next to the model, into temporary files first, so a failure or a kill never leav
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,11 +42,51 @@ def _read_proto(path: Path) -> onnx.ModelProto:
 
 
 def _check_opsets(path: Path, proto: onnx.ModelProto) -> None:
+    """One version per domain, and a default-domain opset no newer than onnx and ONNX Runtime implement.
+
+    Old opsets are not refused here: ONNX Runtime's support for them varies by op (Elu-6 runs, Relu-1 does not),
+    so an op it lacks is reported when the model is first run in it, as a one-line error naming the file.
+    """
+    seen: dict[str, int] = {}
     for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        if domain in seen:
+            raise ModelLoadError(
+                f"{path}: opset imports name domain {domain or 'ai.onnx'!r} twice "
+                f"(versions {seen[domain]} and {opset.version})"
+            )
+        seen[domain] = opset.version
+        if domain == "" and opset.version > MAX_OPSET:
             raise ModelLoadError(
                 f"{path}: default-domain opset {opset.version} is newer than supported (max {MAX_OPSET})"
             )
+
+
+def _check_strings(path: Path, proto: onnx.ModelProto) -> None:
+    """Every name and string in the model is UTF-8: protobuf hands invalid ones over as bytes, which the IR then
+    cannot serialize, so such a model would fail only when saved, after all the work."""
+
+    def first_bytes(message) -> tuple[str, bytes] | None:
+        if isinstance(message, onnx.TensorProto):  # skip weight payloads: only names and metadata are strings
+            fields = [("name", message.name), ("doc_string", message.doc_string)]
+            fields += [("external_data", s) for e in message.external_data for s in (e.key, e.value)]
+            return next(((f"TensorProto.{n}", v) for n, v in fields if isinstance(v, bytes)), None)
+        for field, value in message.ListFields():
+            values = value if field.is_repeated else [value]
+            if field.type == field.TYPE_STRING:
+                bad = next((v for v in values if isinstance(v, bytes)), None)
+                if bad is not None:
+                    return f"{type(message).__name__}.{field.name}", bad
+            elif field.type == field.TYPE_MESSAGE:
+                for item in values:
+                    found = first_bytes(item)
+                    if found is not None:
+                        return found
+        return None
+
+    found = first_bytes(proto)
+    if found is not None:
+        raise ModelLoadError(f"{path}: string {found[1]!r} in {found[0]} is not valid UTF-8")
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -80,20 +121,52 @@ def _check_external_data(path: Path, proto: onnx.ModelProto) -> None:
             raise ModelLoadError(f"{where} is external but names no location")
         if os.path.isabs(location) or ".." in Path(location).parts:
             raise ModelLoadError(f"{where}: external data path {location!r} escapes the model's directory")
+        if "\0" in location:
+            raise ModelLoadError(f"{where}: external data path {location!r} holds a NUL character")
         data_path = (base / location).resolve()
         if base not in data_path.parents:
-            raise ModelLoadError(f"{where}: external data path {location!r} escapes the model's directory")
+            # resolve() follows symlinks: a link inside the directory pointing outside is refused too.
+            raise ModelLoadError(
+                f"{where}: external data path {location!r} escapes the model's directory (resolves to {data_path})"
+            )
         if data_path not in sizes:
             if not data_path.is_file():
                 raise ModelLoadError(f"{where}: external data file {location!r} is missing")
             sizes[data_path] = data_path.stat().st_size
-        offset = int(info.get("offset", 0) or 0)
+        offset = _byte_count(info.get("offset", "0") or "0", f"{where}: external data offset")
+        needed = _tensor_bytes(tensor, where)
         length = info.get("length")
-        if length is not None and offset + int(length) > sizes[data_path]:
+        if length is not None:
+            length_bytes = _byte_count(length, f"{where}: external data length")
+            if length_bytes != needed:
+                raise ModelLoadError(
+                    f"{where}: external data length {length_bytes} does not match its shape "
+                    f"{list(tensor.dims)} ({needed} bytes)"
+                )
+        # Arithmetic on the declared shape only: a tensor claiming 2^40 elements is refused, never allocated.
+        if offset + needed > sizes[data_path]:
             raise ModelLoadError(
                 f"{where}: external data file {location!r} is too short "
-                f"(needs bytes {offset}..{offset + int(length)}, file has {sizes[data_path]})"
+                f"(needs bytes {offset}..{offset + needed}, file has {sizes[data_path]})"
             )
+
+
+def _byte_count(text: str, what: str) -> int:
+    """A non-negative decimal integer from an external-data entry."""
+    if not (text.isascii() and text.isdigit()):
+        raise ModelLoadError(f"{what} {text!r} is not a non-negative integer")
+    return int(text)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto, where: str) -> int:
+    """Bytes a tensor of this shape and type occupies (sub-byte types packed), from its declaration alone."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
+        raise ModelLoadError(f"{where}: data type {tensor.data_type} cannot be stored as external data") from None
+    if any(d < 0 for d in tensor.dims):
+        raise ModelLoadError(f"{where}: negative dimension in shape {list(tensor.dims)}")
+    return (math.prod(tensor.dims) * bits + 7) // 8
 
 
 def _run_checker(path: Path) -> None:
@@ -119,6 +192,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         raise ModelLoadError(f"{path}: empty file, not an ONNX model")
     proto = _read_proto(path)
     _check_opsets(path, proto)
+    _check_strings(path, proto)
     _check_external_data(path, proto)
     if check:
         _run_checker(path)

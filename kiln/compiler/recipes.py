@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,8 @@ from kiln.passes._base import KilnPass, PassContext
 _TOP_KEYS = {"description", "target", "passes", "verify"}
 _PASS_KEYS = {"name", "options"}
 _VERIFY_KEYS = {"min_output_cosine", "max_metric_loss", "metric_loss"}
+#: A recipe is a few lines of TOML; anything this large is not one, and is refused before it is read.
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,9 @@ def load(name_or_path: str | Path) -> Recipe:
         path = Path(text_path)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes is too large for a recipe (max {MAX_RECIPE_BYTES})")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -112,6 +118,8 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{source}: invalid TOML ({e})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise RecipeError(f"{source}: invalid TOML (nested too deeply)") from None
     _unknown(set(data), _TOP_KEYS, source)
     description = _expect(data.get("description", ""), str, f"{source}: 'description'")
     target, target_options = _target(data.get("target", "ort-cpu"), source)
@@ -154,6 +162,7 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
             for key, value in _expect(verify.get("metric_loss", {}), dict, f"{source}: [verify] metric_loss").items()
         },
     )
+    _check_tolerance(tolerance, source)
     return Recipe(
         name=name,
         description=description,
@@ -162,6 +171,17 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
         target_options=target_options,
         tolerance=tolerance,
     )
+
+
+def _check_tolerance(tolerance: Tolerance, source: str) -> None:
+    """A cosine outside [-1, 1] or a NaN bound would make every verification fail (or pass) whatever the model."""
+    if not -1.0 <= tolerance.min_output_cosine <= 1.0:
+        raise RecipeError(f"{source}: [verify] min_output_cosine must be in [-1, 1], got {tolerance.min_output_cosine}")
+    losses = {"max_metric_loss": tolerance.max_metric_loss}
+    losses.update({f"metric_loss.{k}": v for k, v in tolerance.metric_loss.items()})
+    for key, value in losses.items():
+        if not 0.0 <= value < math.inf:
+            raise RecipeError(f"{source}: [verify] {key} must be a finite number >= 0, got {value}")
 
 
 def _target(value: Any, source: str) -> tuple[str, dict[str, Any]]:
