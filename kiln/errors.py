@@ -29,3 +29,15 @@ class VerificationError(KilnError):
 
 class OutputExistsError(KilnError):
     """The output directory already exists and overwriting was not requested."""
+
+
+def describe(error: BaseException) -> str:
+    """The first line of the innermost cause of ``error``, for one-line messages.
+
+    onnx_ir wraps a pass's failure in PassError/PreconditionError and ONNX Runtime puts a multi-line report in
+    its exceptions; users need the root cause, on one line.
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -182,7 +182,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             _print_json(e.result.report)
         else:
             _print_compile(e.result.report)
-        err.print(f"kiln: error: {e}", markup=False)
+        err.print(f"kiln: error: {e}", markup=False, soft_wrap=True)
         return EXIT_VERIFICATION
     if args.json:
         _print_json(result.report)

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx_ir.passes.common import _c_api_utils
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, describe
 from kiln.passes._base import KilnPass
 
 logger = logging.getLogger("kiln")
@@ -88,9 +88,9 @@ class Pipeline:
             except KilnError:
                 raise
             except ir.passes.PreconditionError as e:
-                raise PipelineError(f"pass {name!r} cannot run on this model: {_cause(e)}") from e
+                raise PipelineError(f"pass {name!r} cannot run on this model: {describe(e)}") from e
             except Exception as e:
-                raise PipelineError(f"pass {name!r} failed: {type(e).__name__}: {e}") from e
+                raise PipelineError(f"pass {name!r} failed: {describe(e)}") from e
             if result.modified:
                 self._check(name, model)
             record = PassRecord(
@@ -113,7 +113,7 @@ class Pipeline:
             try:
                 check_structure(model)
             except Exception as e:
-                raise PipelineError(f"pass {name!r} produced an invalid model: {_cause(e)}") from e
+                raise PipelineError(f"pass {name!r} produced an invalid model: {describe(e)}") from e
 
 
 def check_structure(model: ir.Model) -> None:
@@ -132,11 +132,3 @@ def check_structure(model: ir.Model) -> None:
 
     # Pinned onnx-ir 1.1.0: the same helper its CheckerPass and ShapeInferencePass use.
     _c_api_utils.call_onnx_api(check, model)
-
-
-def _cause(error: BaseException) -> str:
-    """The innermost message of a chained exception: onnx_ir wraps failures in pre/postcondition errors."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

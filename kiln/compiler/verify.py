@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.metrics import Metric, MetricResult
-from kiln.errors import VerificationError
+from kiln.errors import VerificationError, describe
 from kiln.targets.base import Feed, Runner
 from kiln.targets.ort.runner import OrtRunner
 
@@ -111,7 +111,7 @@ def verify(
     try:
         new_runner = candidate if isinstance(candidate, Runner) else OrtRunner.from_path(candidate)
     except Exception as e:
-        raise VerificationError(f"ONNX Runtime cannot load the compiled model: {_first_line(e)}") from None
+        raise VerificationError(f"ONNX Runtime cannot load the compiled model: {describe(e)}") from None
     names = list(ref_runner.output_names)
     lost = set(names) - set(new_runner.output_names)
     if lost:
@@ -123,7 +123,7 @@ def verify(
         try:
             new_out = new_runner(feed)
         except Exception as e:
-            raise VerificationError(f"the compiled model fails in ONNX Runtime: {_first_line(e)}") from None
+            raise VerificationError(f"the compiled model fails in ONNX Runtime: {describe(e)}") from None
         for name in names:
             stats[name].update(ref_out[name], new_out[name])
         if metric is not None:
@@ -151,6 +151,9 @@ def verify(
         failures=failures,
     )
 
+
+#: Random verification inputs larger than this (elements per input) are refused rather than allocated.
+MAX_RANDOM_INPUT_ELEMENTS = 2**26
 
 _RANDOM_DTYPES = {
     ir.DataType.FLOAT: np.float32,
@@ -185,6 +188,12 @@ def random_feeds(
                 if value.shape is None:
                     raise VerificationError(f"input {value.name!r} has no shape; give --input-shape or data")
                 shape = [d if isinstance(d, int) else 1 for d in value.shape]
+            elements = math.prod(shape)
+            if elements > MAX_RANDOM_INPUT_ELEMENTS:
+                raise VerificationError(
+                    f"input {value.name!r} of shape {list(shape)} has {elements} elements, too many for random "
+                    f"verification data (max {MAX_RANDOM_INPUT_ELEMENTS}); give --input-shape or calibration data"
+                )
             dtype = _RANDOM_DTYPES[value.dtype]
             if np.issubdtype(dtype, np.floating):
                 feed[value.name] = rng.standard_normal(shape).astype(dtype)
@@ -194,8 +203,3 @@ def random_feeds(
                 feed[value.name] = rng.integers(0, 10, size=shape).astype(dtype)
         feeds.append(feed)
     return feeds
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

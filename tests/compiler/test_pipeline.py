@@ -73,3 +73,19 @@ def test_check_passes_with_small_external_tensors(tmp_path):
     assert isinstance(model.graph.initializers["b0"].const_value, ir.ExternalTensor)
     records = Pipeline([create("quantize.rtn", {"bits": 8, "group_size": 16, "min_elements": 0})])(model)
     assert records[0].modified
+
+
+class Crashes(KilnPass):
+    """A pass whose inner step fails, wrapped the way onnx_ir's PassManager wraps it."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            raise ValueError("weight 'w0' has rank 3\nsecond line of detail")
+        except ValueError as e:
+            raise ir.passes.PassError("PassManager failed") from e
+
+
+def test_a_crashing_pass_is_reported_by_its_root_cause():
+    with pytest.raises(PipelineError) as info:
+        Pipeline([Crashes()])(testing.mlp([4, 8, 2]))
+    assert str(info.value) == "pass 'Crashes' failed: weight 'w0' has rank 3"
