@@ -1,0 +1,340 @@
+"""AWQ: activation-aware weight-only quantization (Lin et al.), with the scale folded into the graph exactly.
+
+Scale search. The matmuls reading one tensor ``A`` (Q/K/V; gate/up) share one scale per input channel::
+
+    m = E|A| per channel,   s = clamp(m^alpha, 1e-4) / sqrt(max(.) * min(.))        (AWQ's normalization)
+    A W = (A diag(1/s)) (diag(s) W)
+
+so the quantized weight is ``diag(s) W``: channels with large activations get a finer effective grid. ``alpha``
+runs over ``{0, 1/n, ..., (n-1)/n}`` (``n = grid_points``; alpha 0 is plain RTN) and the one minimizing the group's
+calibration output error ``sum tr(D^T G D)``, ``D = W - diag(1/s) Q(diag(s) W)`` (``G`` the Gram of ``A``, see
+:mod:`kiln.passes.quantize.gptq`) wins.
+
+Folding ``1/s`` (each is exact in float; ``A`` must feed only the group's matmuls):
+
+* ``A = Mul(x, c)`` with a constant ``c`` per channel (RMSNorm's weight): ``c`` becomes ``c / s``;
+* ``A`` = output 0 of LayerNormalization, RMSNormalization or (Skip)SimplifiedLayerNormalization /
+  SkipLayerNormalization: their scale (and bias) become ``/ s``;
+* ``A = v`` or ``A = Mul(u, v)`` where ``v = MatMul(x, Wp)`` and ``Wp`` is quantized by this pass and used nowhere
+  else (SwiGLU: the down projection reads ``silu(gate) * up``): ``Wp``'s output columns are divided by ``s``. This
+  is applied to ``Wp``'s quantized group scales: min-max grids have one scale per (group, column), so
+  ``Q(Wp diag(c)) = Q(Wp) diag(c)`` and nothing about ``Wp``'s own quantization changes;
+* otherwise, with ``insert_mul``, an explicit ``Mul(A, 1/s)`` feeding the group (one elementwise op per group, e.g.
+  the attention output projection); without it the group keeps ``s = 1`` (clipping only).
+
+With ``method="gptq"`` the scaled weight ``diag(s) W`` is quantized by GPTQ (:mod:`kiln.passes.quantize.gptq`)
+against the Hessian of the scaled input, ``diag(1/s) G diag(1/s)``, instead of round-to-nearest.
+
+Clipping (``clip``). Per (group along K, column), the grid's range ``[lo, hi]`` is shrunk to ``r [lo, hi]`` for
+``r`` in ``{1, 1 - 1/n, ...}`` down to ``1 - max_shrink`` (exclusive), and the ``r`` minimizing that group's own
+output error ``d^T G_gg d`` wins (``G_gg`` the group's diagonal block of the Gram of ``A diag(1/s)``; terms across
+groups are ignored, as in AWQ). Codes outside the shrunk range saturate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.calibration import Reducer
+from kiln.compiler.registry import register
+from kiln.passes import _weights
+from kiln.passes.quantize import grid
+from kiln.passes.quantize.gptq import (
+    CalibratedWeightOnly,
+    ChannelMean,
+    GPTQOptions,
+    Group,
+    MemberKey,
+    MemberResult,
+    clip_search,
+    column_chunks,
+    gptq,
+    load_weight,
+    quadratic,
+    scale_dtype_of,
+    split_columns,
+)
+
+#: Normalizations whose output 0 is ``normalized * scale (+ bias)`` over the last axis: (scale input, bias input).
+_NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
+    ("", "LayerNormalization"): (1, 2),
+    ("", "RMSNormalization"): (1, None),
+    ("com.microsoft", "SimplifiedLayerNormalization"): (1, None),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (2, None),
+    ("com.microsoft", "SkipLayerNormalization"): (2, 3),
+}
+#: The ops among ``_NORMS`` that have an ``axis`` attribute (default -1); the Skip* ops always use the last axis.
+_NORMS_WITH_AXIS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+
+
+def awq_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's per-channel scale for activation magnitudes ``mean_abs`` and exponent ``alpha``."""
+    s = np.maximum(np.power(np.asarray(mean_abs, dtype=np.float64), alpha), 1e-4)
+    return s / np.sqrt(s.max() * s.min())
+
+
+@dataclasses.dataclass
+class Fold:
+    """Where ``1/s`` of an input tensor goes (module docstring).
+
+    ``node`` and ``inputs``: the producer and its constant inputs to divide by ``s`` ("constant", "norm");
+    ``owner``: the weight whose output columns are divided by ``s`` ("columns").
+    """
+
+    kind: Literal["constant", "norm", "columns", "mul", "none"]
+    node: ir.Node | None = None
+    inputs: tuple[int, ...] = ()
+    owner: ir.Value | None = None
+
+    def describe(self) -> str:
+        if self.kind in ("constant", "norm"):
+            assert self.node is not None
+            return f"{self.kind} of {self.node.op_type} node {self.node.name!r}"
+        if self.kind == "columns":
+            assert self.owner is not None
+            return f"output columns of weight {self.owner.name!r}"
+        return {"mul": "inserted Mul", "none": "not scaled (no exact fold)"}[self.kind]
+
+
+def _per_channel_constant(value: ir.Value | None, k: int) -> bool:
+    """``value`` is a float constant broadcasting along the last axis only, with 1 or ``k`` entries there."""
+    tensor = None if value is None else _weights.constant_tensor(value)
+    if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return False
+    shape = tuple(tensor.shape.numpy())
+    return all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] in (1, k))
+
+
+def _column_owner(value: ir.Value | None, scalable: Collection[ir.Value]) -> ir.Value | None:
+    """The weight of ``value = MatMul(x, W)`` if ``W`` is in ``scalable`` and nothing else reads ``W`` or ``value``."""
+    if value is None or len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    producer = value.producer()
+    if producer is None or producer.op_type != "MatMul" or producer.domain not in ("", "ai.onnx"):
+        return None
+    weight = producer.inputs[1]
+    if weight is None or weight not in scalable or len(weight.uses()) != 1:
+        return None
+    return weight
+
+
+def plan_fold(
+    a: ir.Value, consumers: Collection[ir.Node], k: int, scalable: Collection[ir.Value], *, insert_mul: bool
+) -> Fold:
+    """Where the inverse scale of ``a`` (read as input 0 by ``consumers``) can go; nothing is changed yet.
+
+    ``scalable``: weights (MatMul orientation) whose output columns the caller can scale.
+    """
+    exclusive = not a.is_graph_output() and all(use.node in consumers and use.idx == 0 for use in a.uses())
+    producer = a.producer()
+    if exclusive and producer is not None:
+        if producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
+            for index in (0, 1):
+                if _per_channel_constant(producer.inputs[index], k):
+                    return Fold("constant", producer, (index,))
+            for index in (0, 1):
+                owner = _column_owner(producer.inputs[index], scalable)
+                if owner is not None:
+                    return Fold("columns", owner=owner)
+        norm = _NORMS.get((producer.domain if producer.domain != "ai.onnx" else "", producer.op_type))
+        if norm is not None and producer.outputs[0] is a and _last_axis(producer, a):
+            scale, bias = norm
+            indices = [i for i in (scale, bias) if i is not None and i < len(producer.inputs) and producer.inputs[i]]
+            if all(_per_channel_constant(producer.inputs[i], k) for i in indices):
+                return Fold("norm", producer, tuple(indices))
+        owner = _column_owner(a, scalable)
+        if owner is not None:
+            return Fold("columns", owner=owner)
+    return Fold("mul") if insert_mul else Fold("none")
+
+
+def _last_axis(node: ir.Node, output: ir.Value) -> bool:
+    if node.op_type not in _NORMS_WITH_AXIS:
+        return True
+    axis = node.attributes.get_int("axis", -1)
+    return axis == -1 or (output.shape is not None and axis == len(output.shape) - 1)
+
+
+def apply_fold(
+    graph: ir.Graph,
+    fold: Fold,
+    a: ir.Value,
+    consumers: Collection[ir.Node],
+    s: np.ndarray,
+    names: _weights.NameScope,
+) -> None:
+    """Divide ``a`` by ``s`` as planned. "columns" and "none" change nothing here (the caller scales ``owner``)."""
+    inverse = 1.0 / np.asarray(s, dtype=np.float64)
+    if fold.kind in ("constant", "norm"):
+        assert fold.node is not None
+        for index in fold.inputs:
+            old = fold.node.inputs[index]
+            assert old is not None
+            array = _weights.constant_array(old)
+            assert array is not None  # checked by plan_fold
+            shape = (*array.shape[:-1], len(inverse)) if array.ndim else (len(inverse),)
+            scaled = (np.broadcast_to(array.astype(np.float64), shape) * inverse).astype(array.dtype)
+            new = _weights.add_initializer(graph, names.fresh(f"{old.name or 'scale'}_awq"), scaled)
+            fold.node.replace_input_with(index, new)
+            _weights.remove_if_unused(old)
+    elif fold.kind == "mul":
+        dtype = np.float16 if a.dtype == ir.DataType.FLOAT16 else np.float32
+        factor = _weights.add_initializer(graph, names.fresh(f"{a.name}_awq_inverse_scale"), inverse.astype(dtype))
+        mul = ir.node("Mul", [a, factor], name=names.fresh(f"{a.name}_awq_scale"))
+        scaled = mul.outputs[0]
+        scaled.name = names.fresh(f"{a.name}_awq")
+        scaled.type, scaled.shape = a.type, a.shape
+        producer = a.producer()
+        if producer is not None:
+            graph.insert_after(producer, [mul])
+        else:
+            graph.insert_before(graph.node(0), [mul])
+        for node in consumers:
+            node.replace_input_with(0, scaled)
+
+
+@dataclasses.dataclass
+class AWQOptions(GPTQOptions):
+    """Options of ``quantize.awq``, on top of ``quantize.rtn``'s (and ``quantize.gptq``'s, for ``method="gptq"``).
+
+    * ``grid_points``: alphas searched for the scale, and clipping ratios per unit of shrink.
+    * ``clip``: search a range shrink per (group, column).
+    * ``max_shrink``: clipping shrinks the range by less than this fraction.
+    * ``insert_mul``: scale inputs whose inverse cannot be folded into their producer with an explicit Mul.
+    * ``method``: how the scaled weights are put on the grid: "rtn" (AWQ) or "gptq" (GPTQ on ``diag(s) W`` with
+      the scaled input's Hessian, its group ranges clipped as above when ``clip``).
+    """
+
+    clip: bool = True
+    grid_points: int = 20
+    max_shrink: float = 0.5
+    insert_mul: bool = True
+    method: Literal["rtn", "gptq"] = "rtn"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid_points < 1:
+            raise ValueError(f"grid_points must be >= 1, got {self.grid_points}")
+        if not 0 <= self.max_shrink < 1:
+            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+    @property
+    def clip_ratios(self) -> list[float]:
+        """1, 1 - 1/n, ... while the shrink stays below ``max_shrink``."""
+        return [1 - i / self.grid_points for i in range(max(1, int(self.max_shrink * self.grid_points)))]
+
+
+@register("quantize.awq")
+class AWQ(CalibratedWeightOnly):
+    """Weight-only AWQ: per-input-channel scales from activation magnitudes, folded exactly, plus range clipping.
+
+    Needs calibration data. The scale is searched per input tensor (Q/K/V together); the output error on the
+    calibration data decides.
+    """
+
+    Options = AWQOptions
+
+    def vector_statistics(self) -> dict[str, Callable[[], Reducer]]:
+        return super().vector_statistics() | {"mean_abs": lambda: ChannelMean(absolute=True)}
+
+    def prepare(self, model: ir.Model, groups: list[Group]) -> None:
+        self._input_scale: dict[tuple[str, ...], np.ndarray] = {}
+        self._column_scale: dict[MemberKey, np.ndarray] = {}
+        self._info: dict[MemberKey, dict[str, Any]] = {}
+        nodes: dict[MemberKey, list[ir.Node]] = {}
+        for site in self.sites:
+            if site.label in self.calibrated:
+                nodes.setdefault((site.weight, site.transposed), []).append(site.node)
+        scalable = {weight for group in groups for weight, transposed in group.members if not transposed}
+        names = _weights.NameScope(model)
+        for group in groups:
+            if len(group.inputs) != 1:
+                for key in group.members:
+                    self._info[key] = {"fold": "not scaled (the weight reads several tensors)"}
+                continue
+            consumers = [node for key in group.members for node in nodes[key]]
+            a = consumers[0].inputs[0]
+            assert a is not None
+            fold = plan_fold(a, consumers, group.k, scalable, insert_mul=self.options.insert_mul)
+            info: dict[str, Any] = {"fold": fold.describe()}
+            if fold.kind != "none":
+                alpha, s, gain = self._search(group)
+                apply_fold(model.graph, fold, a, consumers, s, names)
+                info |= {"alpha": alpha, "search_error_vs_rtn": gain}
+                self._input_scale[group.inputs] = s
+                if fold.owner is not None:
+                    self._column_scale[fold.owner, False] = 1.0 / s
+            for key in group.members:
+                self._info[key] = dict(info)
+
+    def release(self) -> None:
+        super().release()
+        self._input_scale = {}
+        self._column_scale = {}
+        self._info = {}
+
+    def _search(self, group: Group) -> tuple[float, np.ndarray, float]:
+        """(alpha, its scale, its output error relative to alpha 0) for a group."""
+        spec = self.options.spec
+        hessian = self.hessian(group)
+        mean_abs = self.stats.get(group.inputs[0], "mean_abs")
+        weights = [load_weight(key) for key in group.members]
+        dtype = scale_dtype_of(weights[0])
+        w = np.concatenate([np.asarray(x, dtype=np.float32) for x in weights], axis=1)
+        del weights
+        losses = []
+        for i in range(self.options.grid_points):
+            s = awq_scales(mean_abs, i / self.options.grid_points)
+            column = s.astype(np.float32)[:, None]
+            loss = 0.0
+            for cols in column_chunks(*w.shape):
+                q = grid.quantize(w[:, cols] * column, spec, dtype)
+                loss += quadratic(hessian, w[:, cols] - grid.dequantize(q) / column)
+            losses.append(loss)
+        best = int(np.argmin(losses))
+        alpha = best / self.options.grid_points
+        return alpha, awq_scales(mean_abs, alpha), losses[best] / losses[0] if losses[0] else 1.0
+
+    def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
+        opts = self.options
+        dtype = scale_dtype_of(weights[0])
+        gram = self.hessian(group)
+        s = self._input_scale.get(group.inputs)
+        scaled = [np.asarray(w, dtype=np.float32) for w in weights]
+        if s is not None:
+            scaled = [w * s.astype(np.float32)[:, None] for w in scaled]
+            gram = gram / np.outer(s, s)  # the Gram of A diag(1/s)
+        ratios = opts.clip_ratios if opts.clip else None
+        if opts.method == "gptq":
+            joined = np.concatenate(scaled, axis=1) if len(scaled) > 1 else scaled[0]
+            q = gptq(
+                joined,
+                gram,
+                opts.spec,
+                damp=opts.damp,
+                block_size=opts.block_size,
+                act_order=opts.act_order,
+                clip_ratios=ratios,
+                scale_dtype=dtype,
+            )
+            quantized = split_columns(q, [w.shape[1] for w in scaled])
+        elif ratios:
+            quantized = [clip_search(w, gram, opts.spec, ratios, dtype) for w in scaled]
+        else:
+            quantized = [grid.quantize(w, opts.spec, dtype) for w in scaled]
+        results = []
+        for key, q in zip(group.members, quantized):
+            dequantized = grid.dequantize(q)
+            if s is not None:
+                dequantized /= s.astype(np.float32)[:, None]
+            column = self._column_scale.get(key)
+            if column is not None:
+                q.scales = (q.scales.astype(np.float64) * column).astype(q.scales.dtype)
+            info = self._info.get(key, {}) | ({"output_columns_scaled": True} if column is not None else {})
+            results.append(MemberResult(q, dequantized, column, info))
+        return results

@@ -1,0 +1,198 @@
+"""Mixed-precision weight-only quantization: bits per layer chosen under a size budget by an exact knapsack.
+
+Sensitivity. Every calibrated weight ``W`` is quantized at each candidate width ``b`` (with GPTQ, or RTN) and scored
+by its relative squared output error on the calibration data (:mod:`kiln.passes.quantize.gptq`)::
+
+    e(W, b) = tr(D^T G D) / tr(W^T G W),   D = W - Q_b(W)
+
+Allocation. With ``n_W`` elements per weight, choose ``b_W`` among the candidates to::
+
+    minimize  sum_W e(W, b_W)   subject to   sum_W n_W b_W <= average_bits * sum_W n_W
+
+(the budget counts code bits; scales and zero points come on top, as for any "W4" figure). This is a multiple-choice
+knapsack, solved exactly by dynamic programming over the extra bits above the all-lowest choice: costs are
+``n_W (b - b_min)``, all multiples of their greatest common divisor, so the budget axis is counted in that unit.
+When that still leaves more than ``max_states`` budget steps, costs are rounded up to a coarser unit: the result
+still respects the budget, is optimal for the rounded costs, and ``details["allocation"]["exact"]`` says false.
+
+Which widths can be emitted: ONNX Runtime 1.32's MatMulNBits runs 2, 4 and 8 bits, and ONNX has INT2/INT4/INT8
+for DequantizeLinear. There is no 3-bit carrier in either format, so 3 is refused as a candidate; an average such
+as 3.5 bits comes from mixing 2 and 4 (and 8) bits across layers.
+
+Matmuls inside If/Loop/Scan bodies have no statistics: they are rounded to nearest at ``bits`` and stay outside
+the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.registry import register
+from kiln.errors import KilnError
+from kiln.passes.quantize import grid, pack
+from kiln.passes.quantize.gptq import (
+    GPTQ,
+    GPTQOptions,
+    Group,
+    MemberKey,
+    MemberResult,
+    load_weight,
+    quadratic,
+    scale_dtype_of,
+)
+from kiln.passes.quantize.rtn import RTNOptions
+
+
+def allocate(
+    sizes: list[int], bits: list[int], errors: np.ndarray, budget: float, *, max_states: int = 1 << 18
+) -> tuple[list[int], bool]:
+    """Choose one of ``bits`` per item, minimizing ``sum errors[item, choice]`` with ``sum size * bits <= budget``.
+
+    ``errors`` is [items, len(bits)]. Returns (choice index per item, whether the solution is exactly optimal).
+    Raises KilnError when even the smallest width exceeds the budget.
+    """
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    bits_arr = np.asarray(bits, dtype=np.int64)
+    extra = sizes_arr[:, None] * (bits_arr - bits_arr.min())[None, :]
+    floor = int((sizes_arr * bits_arr.min()).sum())
+    if budget < floor:
+        total = max(int(sizes_arr.sum()), 1)
+        raise KilnError(
+            f"bit budget of {budget / total:.3f} bits per weight is below the smallest candidate width "
+            f"({bits_arr.min()} bits)"
+        )
+    capacity = math.floor(budget) - floor
+    unit = math.gcd(*(int(c) for c in extra.ravel() if c)) or 1
+    exact = capacity // unit <= max_states
+    if not exact:
+        unit = -(-capacity // max_states)
+    costs = -(-extra // unit)
+    steps = capacity // unit
+
+    best = np.zeros(steps + 1)
+    choice = np.zeros((len(sizes), steps + 1), dtype=np.int16)
+    for item in range(len(sizes)):
+        new = np.full(steps + 1, np.inf)
+        for c, cost in enumerate(costs[item]):
+            if cost > steps:
+                continue
+            candidate = np.full(steps + 1, np.inf)
+            candidate[cost:] = best[: steps + 1 - cost] + errors[item, c]
+            better = candidate < new
+            new[better] = candidate[better]
+            choice[item, better] = c
+        best = new
+    picks = []
+    step = steps
+    for item in reversed(range(len(sizes))):
+        c = int(choice[item, step])
+        picks.append(c)
+        step -= int(costs[item, c])
+    return picks[::-1], exact
+
+
+@dataclasses.dataclass
+class MixedOptions(GPTQOptions):
+    """Options of ``quantize.mixed``, on top of ``quantize.gptq``'s (``bits`` is the width of uncalibrated layers).
+
+    * ``candidate_bits``: widths each layer may get; each must be emittable in ``format`` (2, 4, 8).
+    * ``average_bits``: the budget, in code bits per weight element over the calibrated layers.
+    * ``method``: how each width quantizes, "gptq" or "rtn".
+    * ``max_states``: budget steps of the knapsack before costs are rounded (module docstring).
+    """
+
+    candidate_bits: list[int] = dataclasses.field(default_factory=lambda: [2, 4, 8])
+    average_bits: float = 3.5
+    method: Literal["gptq", "rtn"] = "gptq"
+    max_states: int = 1 << 18
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.candidate_bits:
+            raise ValueError("candidate_bits must name at least one width")
+        for bits in self.candidate_bits:
+            RTNOptions(bits, self.group_size, self.symmetric, self.format, self.accuracy_level)
+        if self.format == "matmulnbits" and 2 in self.candidate_bits and self.group_size == 0:
+            raise ValueError("2-bit MatMulNBits needs block_size <= 256: use a group_size with candidate 2")
+        if self.average_bits < min(self.candidate_bits):
+            raise ValueError(
+                f"average_bits={self.average_bits} is below the smallest candidate ({min(self.candidate_bits)})"
+            )
+        if self.max_states < 1:
+            raise ValueError(f"max_states must be >= 1, got {self.max_states}")
+
+
+@register("quantize.mixed")
+class MixedPrecision(GPTQ):
+    """Weight-only mixed precision: per-layer bit widths from calibration sensitivity under an average-bits budget.
+
+    Needs calibration data. Each layer is scored at every candidate width; an exact knapsack picks the widths.
+    """
+
+    Options = MixedOptions
+
+    def dq_opset(self) -> int:
+        return max(pack.DQ_MIN_OPSET[bits] for bits in {*self.options.candidate_bits, self.options.bits})
+
+    def _spec(self, bits: int) -> grid.GridSpec:
+        return grid.GridSpec(bits, self.options.group_size, self.options.symmetric)
+
+    def _at_bits(self, weights: list[np.ndarray], hessian: np.ndarray, bits: int) -> list[grid.QuantizedWeight]:
+        if self.options.method == "gptq":
+            return self.joint(weights, hessian, self._spec(bits))
+        return [grid.quantize(w, self._spec(bits), scale_dtype_of(w)) for w in weights]
+
+    def prepare(self, model: ir.Model, groups: list[Group]) -> None:
+        candidates = sorted(set(self.options.candidate_bits))
+        keys: list[MemberKey] = []
+        errors: list[list[float]] = []
+        sizes: list[int] = []
+        for group in groups:
+            hessian = self.hessian(group)
+            weights = [load_weight(key) for key in group.members]
+            signal = [quadratic(hessian, w) for w in weights]
+            scores: list[list[float]] = [[] for _ in weights]
+            for bits in candidates:
+                for i, (w, q) in enumerate(zip(weights, self._at_bits(weights, hessian, bits))):
+                    noise = quadratic(hessian, np.asarray(w, dtype=np.float32) - grid.dequantize(q))
+                    scores[i].append(noise / signal[i] if signal[i] > 0 else 0.0)
+            keys += group.members
+            errors += scores
+            sizes += [w.size for w in weights]
+            del weights
+        total = sum(sizes)
+        picks, exact = allocate(
+            sizes, candidates, np.array(errors), self.options.average_bits * total, max_states=self.options.max_states
+        )
+        self._bits = {key: candidates[c] for key, c in zip(keys, picks)}
+        self._sensitivity = {key: dict(zip(map(str, candidates), e)) for key, e in zip(keys, errors)}
+        used = sum(size * candidates[c] for size, c in zip(sizes, picks))
+        self.details["allocation"] = {
+            "budget_bits": self.options.average_bits,
+            "average_bits": used / total if total else 0.0,
+            "exact": exact,
+            "elements": total,
+            "layers_per_bits": {str(b): sum(candidates[c] == b for c in picks) for b in candidates},
+            "sum_rel_sq_error": float(sum(e[c] for e, c in zip(errors, picks))),
+        }
+
+    def release(self) -> None:
+        super().release()
+        self._bits: dict[MemberKey, int] = {}
+        self._sensitivity: dict[MemberKey, dict[str, float]] = {}
+
+    def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
+        hessian = self.hessian(group)
+        results: dict[MemberKey, MemberResult] = {}
+        for bits in sorted({self._bits[key] for key in group.members}):
+            chosen = [(key, w) for key, w in zip(group.members, weights) if self._bits[key] == bits]
+            quantized = self._at_bits([w for _, w in chosen], hessian, bits)
+            for (key, _), q in zip(chosen, quantized):
+                info: dict[str, Any] = {"bits": bits, "sensitivity": self._sensitivity[key]}
+                results[key] = MemberResult(q, grid.dequantize(q), info=info)
+        return [results[key] for key in group.members]

@@ -1,0 +1,227 @@
+"""quantize.awq: scales by the formula, folds that keep the float model exact, and errors below RTN's."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import kiln
+from kiln.compiler import registry
+from kiln.compiler.calibration import CalibrationData
+from kiln.errors import RecipeError
+from kiln.passes import KilnPass, PassContext, _weights, create
+from kiln.passes.quantize import awq
+
+D, FF = 64, 128
+
+
+def _block(norm: str = "mul") -> ir.Model:
+    """A Llama-like block with every fold case; the same model on every call.
+
+    x -> RMSNorm-like Mul(gamma) or LayerNormalization -> Q, K, V (one input); gate/up -> silu(gate) * up -> down;
+    o reads Relu(x), which is also a graph output (no exact fold: an inserted Mul).
+    """
+    rng = np.random.default_rng(11)
+    inits = {"gamma": rng.uniform(0.5, 2.0, D).astype(np.float32)}
+    shapes = {
+        "Wq": (D, D),
+        "Wk": (D, 32),
+        "Wv": (D, 32),
+        "Wgate": (D, FF),
+        "Wup": (D, FF),
+        "Wdown": (FF, D),
+        "Wo": (D, D),
+    }
+    for name, shape in shapes.items():
+        inits[name] = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+    if norm == "mul":
+        nodes = [helper.make_node("Mul", ["x", "gamma"], ["a"], name="norm")]
+    else:
+        inits["beta"] = rng.uniform(-0.5, 0.5, D).astype(np.float32)
+        nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["a"], name="norm", axis=-1)]
+    nodes += [
+        helper.make_node("MatMul", ["a", "Wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["a", "Wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["a", "Wv"], ["v"], name="v_proj"),
+        helper.make_node("MatMul", ["a", "Wgate"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["a", "Wup"], ["up"], name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["sig"]),
+        helper.make_node("Mul", ["gate", "sig"], ["silu"]),
+        helper.make_node("Mul", ["silu", "up"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "Wdown"], ["down"], name="down_proj"),
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("MatMul", ["r", "Wo"], ["o"], name="o_proj"),
+    ]
+    outputs = {"q": D, "k": 32, "v": 32, "down": D, "o": D, "r": D}
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", D])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", n]) for name, n in outputs.items()],
+        [numpy_helper.from_array(v, name) for name, v in inits.items()],
+    )
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+def _feeds(count: int = 4) -> list[dict[str, np.ndarray]]:
+    """Activations with a few outlier channels (what AWQ protects)."""
+    rng = np.random.default_rng(5)
+    scale = np.ones(D, np.float32)
+    scale[[3, 17, 40]] = 12.0
+    return [{"x": (rng.standard_normal((96, D)) * scale + 0.3).astype(np.float32)} for _ in range(count)]
+
+
+def _run_all(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs by name for each feed; DequantizeLinear + MatMul keep float activations (exact comparisons)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    proto = ir.to_proto(model).SerializeToString()
+    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(None, feed))) for feed in feeds]
+
+
+def _run(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return _run_all(model, [feed])[0]
+
+
+def _quantize(model: ir.Model, name: str, feeds: list[dict[str, np.ndarray]], **options: object) -> KilnPass:
+    pass_ = create(
+        name, {"min_elements": 0, "group_size": 32, **options}, PassContext(calibration=CalibrationData(feeds))
+    )
+    kiln.Pipeline([pass_])(model)
+    return pass_
+
+
+def _errors(model: ir.Model, feeds: list[dict[str, np.ndarray]], norm: str = "mul") -> dict[str, float]:
+    reference = _block(norm)
+    noise: dict[str, float] = {}
+    signal: dict[str, float] = {}
+    for expected, actual in zip(_run_all(reference, feeds), _run_all(model, feeds)):
+        for name, y in actual.items():
+            noise[name] = noise.get(name, 0.0) + float(np.square(y - expected[name], dtype=np.float64).sum())
+            signal[name] = signal.get(name, 0.0) + float(np.square(expected[name], dtype=np.float64).sum())
+    return {name: float(np.sqrt(noise[name] / signal[name])) if signal[name] else 0.0 for name in noise}
+
+
+def test_scales_follow_the_formula() -> None:
+    m = np.array([0.0, 0.5, 2.0, 8.0])
+    s = awq.awq_scales(m, 0.5)
+    raw = np.maximum(m**0.5, 1e-4)
+    np.testing.assert_allclose(s, raw / np.sqrt(raw.max() * raw.min()))
+    np.testing.assert_array_equal(awq.awq_scales(m, 0.0), np.ones(4))
+
+
+def _nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
+    return {node.name: node for node in model.graph}
+
+
+@pytest.mark.parametrize("norm", ["mul", "layernorm"])
+def test_plans_and_float_exactness(norm: str) -> None:
+    """Folding random scales, with the weights scaled by hand, leaves every output as it was."""
+    model = _block(norm)
+    feed = _feeds(1)[0]
+    expected = _run(model, feed)
+    nodes = _nodes_by_name(model)
+    graph = model.graph
+    weights = {name: graph.initializers[name] for name in ("Wq", "Wk", "Wv", "Wgate", "Wup", "Wdown", "Wo")}
+    groups = {"a": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], "hidden": ["down_proj"], "r": ["o_proj"]}
+    names = _weights.NameScope(model)
+    rng = np.random.default_rng(0)
+    kinds = {}
+    scaled_rows: dict[str, np.ndarray] = {}
+    scaled_columns: dict[str, np.ndarray] = {}
+    for tensor, members in groups.items():
+        consumers = [nodes[m] for m in members]
+        a = consumers[0].inputs[0]
+        k = weights[consumers[0].inputs[1].name].shape[0]
+        fold = awq.plan_fold(a, consumers, k, set(weights.values()), insert_mul=True)
+        kinds[tensor] = fold.kind
+        s = rng.uniform(0.25, 4.0, k)
+        awq.apply_fold(graph, fold, a, consumers, s, names)
+        for node in consumers:
+            scaled_rows[node.inputs[1].name] = s
+        if fold.owner is not None:
+            scaled_columns[fold.owner.name] = 1 / s
+    assert kinds == {"a": "constant" if norm == "mul" else "norm", "hidden": "columns", "r": "mul"}
+    for name, value in weights.items():
+        array = value.const_value.numpy().astype(np.float64)
+        array = array * scaled_rows[name][:, None] * scaled_columns.get(name, np.ones(array.shape[1]))[None, :]
+        value.const_value = ir.tensor(array.astype(np.float32), name=name)
+    for name, y in _run(model, feed).items():
+        np.testing.assert_allclose(y, expected[name], rtol=1e-4, atol=1e-4 * np.abs(expected[name]).max())
+
+
+def test_pass_folds_the_searched_scale_as_the_formula_says() -> None:
+    feeds = _feeds()
+    model = _block()
+    details = _quantize(model, "quantize.awq", feeds, bits=4).details
+    layers = details["layers"]
+    a = np.concatenate([f["x"] for f in feeds]) * _block().graph.initializers["gamma"].const_value.numpy()
+    alpha = layers["q_proj"]["alpha"]
+    assert {layers[n]["alpha"] for n in ("k_proj", "v_proj", "gate_proj", "up_proj")} == {alpha}
+    s = awq.awq_scales(np.abs(a).mean(axis=0), alpha)
+    norm = _nodes_by_name(model)["norm"]
+    gamma = _block().graph.initializers["gamma"].const_value.numpy()
+    np.testing.assert_allclose(norm.inputs[1].const_value.numpy(), gamma / s, rtol=1e-5)
+    assert layers["q_proj"]["fold"] == "constant of Mul node 'norm'"
+    assert layers["down_proj"]["fold"] == "output columns of weight 'Wup'"
+    assert layers["up_proj"]["output_columns_scaled"] is True
+    assert layers["o_proj"]["fold"] == "inserted Mul"
+    inserted = next(node for node in model.graph if node.op_type == "Mul" and node.inputs[0].name == "r")
+    r = np.maximum(np.concatenate([f["x"] for f in feeds]), 0)
+    expected = 1 / awq.awq_scales(r.mean(axis=0), layers["o_proj"]["alpha"])
+    np.testing.assert_allclose(inserted.inputs[1].const_value.numpy(), expected, rtol=1e-5)
+    # The reported output errors are what ONNX Runtime measures on the calibration data (for the layers reading
+    # float inputs: down_proj's input carries the errors of gate and up).
+    measured = _errors(model, feeds)
+    for layer, output in (("q_proj", "q"), ("k_proj", "k"), ("o_proj", "o")):
+        assert layers[layer]["output_rel_error"] == pytest.approx(measured[output], rel=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
+def test_output_error_below_rtn(fmt: str) -> None:
+    feeds = _feeds()
+    runs = {"rtn": ("quantize.rtn", {}), "scaled": ("quantize.awq", {"clip": False}), "clipped": ("quantize.awq", {})}
+    errors = {}
+    for label, (name, options) in runs.items():
+        model = _block()
+        _quantize(model, name, feeds, bits=4, format=fmt, **options)
+        errors[label] = _errors(model, feeds)
+    for output in ("q", "k", "v", "down", "o"):
+        assert errors["scaled"][output] <= errors["rtn"][output]
+        # Clipping minimizes each group's own error; the terms across groups it ignores may differ a little.
+        assert errors["clipped"][output] <= 1.02 * errors["scaled"][output]
+    assert errors["clipped"]["r"] == 0.0  # the output beside the inserted Mul is untouched
+
+
+def test_gptq_on_the_scaled_weights() -> None:
+    feeds = _feeds()
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = _block()
+        layers = _quantize(model, "quantize.awq", feeds, method=method).details["layers"]
+        errors[method] = sum(layers[name]["output_rel_error"] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        measured = _errors(model, feeds)
+        assert layers["o_proj"]["output_rel_error"] == pytest.approx(measured["o"], rel=1e-3)
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_without_insert_mul_unfoldable_inputs_keep_scale_one() -> None:
+    model = _block()
+    layers = _quantize(model, "quantize.awq", _feeds(2), insert_mul=False).details["layers"]
+    assert layers["o_proj"]["fold"] == "not scaled (no exact fold)"
+    assert "alpha" not in layers["o_proj"]
+    assert not any(node.op_type == "Mul" and node.inputs[0].name == "r" for node in model.graph)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"grid_points": 0}, "grid_points must be >= 1"), ({"max_shrink": 1.0}, r"max_shrink must be in \[0, 1\)")],
+)
+def test_bad_options(options: dict[str, object], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        registry.make_options("quantize.awq", options)

@@ -1,0 +1,377 @@
+"""quantize.static-int8 on tiny graphs: exact grids, calibrated ranges against numpy, ONNX Runtime fusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import onnxruntime as ort
+import pytest
+
+from kiln import testing
+from kiln.compiler import recipes
+from kiln.compiler.calibration import CalibrationData
+from kiln.errors import CalibrationError, RecipeError
+from kiln.passes import create
+from kiln.passes._base import PassContext
+from kiln.passes.quantize import ranges
+from kiln.passes.quantize.static_int8 import StaticInt8, StaticInt8Options
+
+RNG = np.random.default_rng(0)
+FLOAT = ir.DataType.FLOAT
+
+
+def _typed(value: ir.Value, name: str, shape: list[int | str]) -> ir.Value:
+    value.name, value.type, value.shape = name, ir.TensorType(FLOAT), ir.Shape(shape)
+    return value
+
+
+def _linear(k: int = 24, n: int = 10, *, bias: bool = False) -> ir.Model:
+    """y = x @ W (+ b) with x [batch, seq, K]."""
+    w = testing.initializer("W", RNG.standard_normal((k, n)).astype(np.float32))
+    x = testing.value("x", ["b", 4, k])
+    mm = ir.node("MatMul", [x, w], name="mm")
+    nodes, inits = [mm], [w]
+    if bias:
+        b = testing.initializer("B", RNG.standard_normal(n).astype(np.float32))
+        _typed(mm.outputs[0], "h", ["b", 4, n])
+        nodes.append(ir.node("Add", [mm.outputs[0], b], name="add"))
+        inits.append(b)
+    y = _typed(nodes[-1].outputs[0], "y", ["b", 4, n])
+    return testing.model([x], [y], nodes, inits)
+
+
+def _cnn() -> ir.Model:
+    """Conv-Relu, Conv-Clip(0, 6), depthwise Conv, GlobalAveragePool, Flatten, Gemm(transB=1)."""
+    c = 8
+    inits = [
+        testing.initializer("w0", (0.3 * RNG.standard_normal((c, 3, 3, 3))).astype(np.float32)),
+        testing.initializer("b0", (0.1 * RNG.standard_normal(c)).astype(np.float32)),
+        testing.initializer("w1", (0.3 * RNG.standard_normal((c, c, 3, 3))).astype(np.float32)),
+        testing.initializer("b1", (0.1 * RNG.standard_normal(c)).astype(np.float32)),
+        testing.initializer("w2", (0.3 * RNG.standard_normal((c, 1, 3, 3))).astype(np.float32)),
+        testing.initializer("fc_w", RNG.standard_normal((10, c)).astype(np.float32)),
+        testing.initializer("fc_b", RNG.standard_normal(10).astype(np.float32)),
+        testing.initializer("lo", np.array(0.0, np.float32)),
+        testing.initializer("hi", np.array(6.0, np.float32)),
+    ]
+    v = {i.name: i for i in inits}
+    x = testing.value("x", ["n", 3, 8, 8])
+    pads = {"pads": [1, 1, 1, 1]}
+    conv0 = ir.node("Conv", [x, v["w0"], v["b0"]], attributes=pads, name="conv0")
+    relu = ir.node("Relu", [conv0.outputs[0]], name="relu")
+    conv1 = ir.node("Conv", [relu.outputs[0], v["w1"], v["b1"]], attributes=pads, name="conv1")
+    clip = ir.node("Clip", [conv1.outputs[0], v["lo"], v["hi"]], name="clip")
+    conv2 = ir.node("Conv", [clip.outputs[0], v["w2"]], attributes={**pads, "group": c}, name="dwconv")
+    gap = ir.node("GlobalAveragePool", [conv2.outputs[0]], name="gap")
+    flat = ir.node("Flatten", [gap.outputs[0]], name="flatten")
+    fc = ir.node("Gemm", [flat.outputs[0], v["fc_w"], v["fc_b"]], attributes={"transB": 1}, name="fc")
+    nodes = [conv0, relu, conv1, clip, conv2, gap, flat, fc]
+    for i, node in enumerate(nodes[:-1]):
+        node.outputs[0].name = f"t{i}"
+    y = _typed(fc.outputs[0], "y", ["n", 10])
+    model = testing.model([x], [y], nodes, inits)
+    common.ShapeInferencePass()(model)
+    return model
+
+
+def _quantize(model: ir.Model, feeds: list[dict[str, np.ndarray]], **options: object) -> StaticInt8:
+    pass_ = StaticInt8(StaticInt8Options(**options), PassContext(calibration=CalibrationData(feeds)))
+    pass_(model)
+    return pass_
+
+
+def _session(model: ir.Model) -> ort.InferenceSession:
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _initializer(model: ir.Model, name: str) -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _known_range_feeds(k: int, low: float, high: float) -> list[dict[str, np.ndarray]]:
+    feeds = [{"x": RNG.uniform(low, high, (2, 4, k)).astype(np.float32)} for _ in range(3)]
+    feeds[0]["x"][0, 0, 0], feeds[2]["x"][1, 3, 5] = low, high
+    return feeds
+
+
+@pytest.mark.parametrize(
+    ("activation_type", "scale", "zero_point", "dtype"),
+    [("uint8", 4.0 / 255, 64, np.uint8), ("int8", 3.0 / 127, 0, np.int8)],
+)
+def test_grid_of_a_known_range_and_exact_output(
+    activation_type: str, scale: float, zero_point: int, dtype: type
+) -> None:
+    model = _linear()
+    w = _initializer(model, "W").copy()
+    feeds = _known_range_feeds(24, -1.0, 3.0)
+    sq = _quantize(model, feeds, activation_type=activation_type)
+
+    assert _initializer(model, "x_scale") == np.float32(scale)
+    assert _initializer(model, "x_zero_point").dtype == dtype
+    assert int(_initializer(model, "x_zero_point")) == zero_point
+    assert sq.details["activations"]["x"] == {
+        "range": [-1.0, 3.0],
+        "scale": float(np.float32(scale)),
+        "zero_point": zero_point,
+    }
+    w_scale = np.abs(w).max(axis=0) / 127
+    np.testing.assert_allclose(_initializer(model, "W_scale"), w_scale, rtol=1e-6)
+    codes = _initializer(model, "W_quantized")
+    assert codes.dtype == np.uint8 and (_initializer(model, "W_zero_point") == 128).all()
+    np.testing.assert_array_equal(codes.astype(np.int32) - 128, np.rint(w / w_scale))
+    assert "W" not in model.graph.initializers
+
+    x = feeds[1]["x"]
+    s = np.float32(scale)
+    lo, hi = (0, 255) if dtype is np.uint8 else (-128, 127)
+    x_restored = (np.clip(np.rint(x / s) + zero_point, lo, hi) - zero_point) * s
+    w_restored = (codes.astype(np.float32) - 128) * _initializer(model, "W_scale")
+    (y,) = _session(model).run(None, {"x": x})
+    np.testing.assert_allclose(y, x_restored @ w_restored, rtol=0, atol=1e-5 * np.abs(y).max())
+    assert sq.details["layers"]["mm"]["fused"] is True
+    assert sq.details["ort_fusion"]["integer_ops"] == {"MatMulIntegerToFloat": 1}
+
+
+def _reference_entropy(counts: np.ndarray, edges: np.ndarray, levels: int = 128) -> float:
+    """TensorRT's KL calibration, written out loop by loop as in its description."""
+    best, best_kl = len(counts), np.inf
+    for i in range(levels, len(counts) + 1):
+        p = [float(c) for c in counts[:i]]
+        p[-1] += float(counts[i:].sum())
+        merged = i // levels
+        q = [0.0] * i
+        for g in range(levels):
+            start = g * merged
+            stop = i if g == levels - 1 else start + merged
+            chunk = counts[start:stop]
+            nonzero = [j for j in range(start, stop) if counts[j] != 0]
+            for j in nonzero:
+                q[j] = float(chunk.sum()) / len(nonzero)
+        p_arr = np.array(p) / sum(p)
+        q_arr = np.array(q) / sum(q)
+        p_arr = (1 - 1e-4) * p_arr + 1e-4 / i
+        q_arr = (1 - 1e-4) * q_arr + 1e-4 / i
+        kl = float(np.sum(p_arr * np.log(p_arr / q_arr)))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return float(edges[best])
+
+
+def test_percentile_and_entropy_on_a_known_histogram() -> None:
+    counts = np.zeros(400, dtype=np.int64)
+    counts[:100] = 10  # 1000 values spread over the first quarter
+    counts[200] = 3  # an outlier cluster
+    counts[399] = 1  # one extreme value
+    edges = np.linspace(0.0, 4.0, 401)
+    # 99.9% of 1004 values is 1002.996: the cumulative count reaches it at the outlier cluster (bin 200).
+    assert ranges.percentile_magnitude(counts, edges, 99.9) == pytest.approx(edges[201])
+    assert ranges.percentile_magnitude(counts, edges, 99.0) == pytest.approx(edges[100])
+    # Two-sided, 99.9%: the 0.05% (0.502 values) cut on each side stays inside bin 0 and the extreme bin; 99%: the
+    # 0.5% (5.02 values) cut above removes the extreme value and the outlier cluster.
+    assert ranges.percentile_range(counts, edges, 99.9) == pytest.approx((edges[0], edges[400]))
+    assert ranges.percentile_range(counts, edges, 99.0) == pytest.approx((edges[0], edges[100]))
+    assert ranges.entropy_threshold(counts, edges) == pytest.approx(_reference_entropy(counts, edges))
+
+    laplace = np.abs(RNG.laplace(0.0, 1.0, 200_000))
+    counts, edges = np.histogram(laplace, bins=512, range=(0.0, laplace.max()))
+    threshold = ranges.entropy_threshold(counts, edges)
+    assert threshold == pytest.approx(_reference_entropy(counts, edges))
+    assert 0.2 * laplace.max() < threshold < laplace.max()  # clips the long tail, keeps the bulk
+
+
+def test_entropy_ignores_the_zeros_of_a_relu() -> None:
+    # 70% exact zeros, the rest half-normal: with the zeros in the histogram, KL picks the first candidates.
+    model = _linear()
+    values = np.abs(RNG.standard_normal((4, 2, 4, 24))).astype(np.float32)
+    values[RNG.random(values.shape) < 0.7] = 0.0
+    sq = _quantize(model, [{"x": v} for v in values], method="entropy", bins=512, check_fusion=False)
+    nonzero = values[values != 0].astype(np.float64)
+    counts, edges = np.histogram(nonzero, bins=512, range=(0.0, float(values.max())))
+    low, high = sq.details["activations"]["x"]["range"]
+    assert low == 0.0 and high == pytest.approx(_reference_entropy(counts, edges), rel=1e-6)
+    assert high > 0.5 * values.max()
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_calibrated_ranges_match_numpy(method: str, activation_type: str) -> None:
+    model = _linear()
+    feeds = [{"x": RNG.laplace(0.3, 1.0, (2, 4, 24)).astype(np.float32)} for _ in range(4)]
+    options = {"method": method, "percentile": 99.0, "bins": 512, "activation_type": activation_type}
+    sq = _quantize(model, feeds, check_fusion=False, **options)
+    x = np.concatenate([f["x"].ravel() for f in feeds]).astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if method == "percentile" and activation_type == "uint8":
+        counts, edges = np.histogram(x, bins=512, range=(lo, hi))
+        cdf = np.cumsum(counts) / counts.sum()
+        expected = (edges[np.argmax(cdf >= 0.005)], edges[np.argmax(cdf >= 0.995) + 1])
+    else:
+        magnitudes = np.abs(x) if method == "percentile" else np.abs(x[x != 0])
+        counts, edges = np.histogram(magnitudes, bins=512, range=(0.0, max(-lo, hi)))
+        if method == "percentile":
+            cdf = np.cumsum(counts) / counts.sum()
+            t = edges[np.argmax(cdf >= 0.99) + 1]
+        else:
+            t = _reference_entropy(counts, edges)
+        expected = (max(lo, -t), min(hi, t))
+    assert sq.details["activations"]["x"]["range"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_mlp_runs_on_qgemm() -> None:
+    model = testing.mlp([16, 64, 64, 8])
+    common.ShapeInferencePass()(model)
+    reference = _session(model)
+    feeds = [{"x": RNG.standard_normal((32, 16)).astype(np.float32)} for _ in range(3)]
+    sq = _quantize(model, feeds)
+    # 2-D MatMul + Add(bias) becomes Gemm in ONNX Runtime; the bias is stored as int32 so QGemm can take it.
+    assert sq.details["ort_fusion"] == {"integer_ops": {"QGemm": 3}, "fused": 3, "unfused": []}
+    assert all(layer["bias"] == f"b{i}" for i, layer in enumerate(sq.details["layers"].values()))
+    x = RNG.standard_normal((5, 16)).astype(np.float32)
+    assert _cosine(reference.run(None, {"x": x})[0], _session(model).run(None, {"x": x})[0]) > 0.999
+    for layer in sq.details["layers"].values():
+        assert 0 < layer["weight_rel_error"] < 0.02 and 0 < layer["est_output_rel_error"] < 0.05
+
+
+def test_cnn_runs_on_qlinearconv() -> None:
+    model = _cnn()
+    reference = _session(model)
+    feeds = [{"x": RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    sq = _quantize(model, feeds)
+    fusion = sq.details["ort_fusion"]
+    assert fusion == {"integer_ops": {"QGemm": 1, "QLinearConv": 3}, "fused": 4, "unfused": []}
+    # The Q after a Conv sits after its Relu/Clip, whose uint8 range starts at 0: ORT drops them.
+    assert sq.details["layers"]["conv0"]["output"] == "t1"
+    assert sq.details["layers"]["conv1"]["output"] == "t3"
+    assert sq.details["activations"]["t3"]["zero_point"] == 0
+    assert sq.details["activations"]["t3"]["range"][1] <= 6.0
+    assert _initializer(model, "b0_conv0_quantized").dtype == np.int32
+    x = feeds[0]["x"]
+    assert _cosine(reference.run(None, {"x": x})[0], _session(model).run(None, {"x": x})[0]) > 0.99
+
+
+def test_dead_channel_keeps_its_bias() -> None:
+    # A channel whose weights are ~0 but whose bias is not (BatchNorm folding makes these): its int32 bias code would
+    # overflow at scale s_x * max|W_c| / 127, so its weight scale is raised instead.
+    w = (0.3 * RNG.standard_normal((4, 3, 1, 1))).astype(np.float32)
+    w[2] = 1e-12
+    bias = np.array([0.1, -0.2, 5.0, 0.3], np.float32)
+    x = testing.value("x", ["n", 3, 4, 4])
+    conv = ir.node("Conv", [x, testing.initializer("w", w), testing.initializer("b", bias)], name="conv")
+    model = testing.model([x], [_typed(conv.outputs[0], "y", ["n", 4, 4, 4])], [conv], list(conv.inputs[1:]))
+    sq = _quantize(model, [{"x": RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)}], check_fusion=False)
+    assert sq.details["layers"]["conv"]["scales_raised_for_bias"] == 1
+    codes = _initializer(model, "b_conv_quantized")
+    assert np.abs(codes.astype(np.int64)).max() < np.iinfo(np.int32).max
+    (y,) = _session(model).run(None, {"x": RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)})
+    np.testing.assert_allclose(y[0, 2], 5.0, rtol=1e-6)
+
+
+def test_what_stays_float() -> None:
+    model = _cnn()
+    feeds = [{"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}]
+    sq = _quantize(model, feeds, exclude=["conv1"], exclude_first_last=True, check_fusion=False)
+    assert set(sq.details["layers"]) == {"dwconv"}
+    assert sq.details["skipped"] == {
+        "conv1": "excluded by option 'exclude'",
+        "conv0": "first or last quantizable layer (exclude_first_last)",
+        "fc": "first or last quantizable layer (exclude_first_last)",
+    }
+    floats = {n.name: n.inputs[1].name for n in model.graph if n.op_type in ("Conv", "Gemm")}
+    assert floats == {"conv0": "w0", "conv1": "w1", "dwconv": "w2_dequantized", "fc": "fc_w"}
+
+    model = _cnn()
+    sq = _quantize(model, feeds, op_types=["Gemm"], check_fusion=False)
+    assert list(sq.details["layers"]) == ["fc"]
+
+    # Activation x activation MatMul (attention scores) stays float.
+    a, b = testing.value("a", [2, 4, 8]), testing.value("b", [2, 8, 4])
+    mm = ir.node("MatMul", [a, b], name="scores")
+    model = testing.model([a, b], [_typed(mm.outputs[0], "y", [2, 4, 4])], [mm])
+    feeds = [
+        {"a": RNG.standard_normal((2, 4, 8), dtype=np.float32), "b": RNG.standard_normal((2, 8, 4), dtype=np.float32)}
+    ]
+    sq = _quantize(model, feeds)
+    assert sq.details["skipped"] == {"scores": "second input 'b' is not a constant"}
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+
+
+def test_layers_above_max_layer_error_stay_float() -> None:
+    feeds = [{"x": RNG.standard_normal((32, 16)).astype(np.float32)} for _ in range(2)]
+    model = testing.mlp([16, 64, 64, 8])
+    estimates = {k: v["est_output_rel_error"] for k, v in _quantize(model, feeds).details["layers"].items()}
+    threshold = sorted(estimates.values())[1]
+    model = testing.mlp([16, 64, 64, 8])
+    sq = _quantize(model, feeds, max_layer_error=threshold, check_fusion=False)
+    worst = max(estimates, key=estimates.get)
+    assert set(sq.details["layers"]) == set(estimates) - {worst}
+    assert sq.details["skipped"] == {worst: f"estimated output error {estimates[worst]:.4f} > max_layer_error"}
+    assert next(n for n in model.graph if n.name == worst).inputs[1].name == f"w{worst[-1]}"  # still float
+
+    model = _linear()
+    before = ir.to_proto(model).SerializeToString()
+    assert not _quantize(model, _known_range_feeds(24, -1.0, 3.0), max_layer_error=1e-6).details["layers"]
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_shared_input_and_weight_are_quantized_once() -> None:
+    k = 16
+    w = testing.initializer("W", RNG.standard_normal((k, k)).astype(np.float32))
+    x = testing.value("x", ["b", 3, k])
+    first = ir.node("MatMul", [x, w], name="first")
+    second = ir.node("MatMul", [x, w], name="second")
+    outputs = [_typed(first.outputs[0], "y1", ["b", 3, k]), _typed(second.outputs[0], "y2", ["b", 3, k])]
+    model = testing.model([x], outputs, [first, second], [w])
+    sq = _quantize(model, [{"x": RNG.standard_normal((2, 3, k)).astype(np.float32)}])
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    assert sq.details["ort_fusion"]["integer_ops"] == {"MatMulIntegerToFloat": 2}
+
+
+def test_transformer_linear_with_bias_runs_on_matmul_integer_to_float() -> None:
+    model = _linear(bias=True)
+    reference = _session(model)
+    feeds = [{"x": RNG.standard_normal((2, 4, 24)).astype(np.float32)} for _ in range(2)]
+    sq = _quantize(model, feeds, method="entropy")
+    assert sq.details["ort_fusion"]["integer_ops"] == {"MatMulIntegerToFloat": 1}
+    assert "bias" not in sq.details["layers"]["mm"]  # 3-D input: the Add stays float
+    x = feeds[0]["x"]
+    assert _cosine(reference.run(None, {"x": x})[0], _session(model).run(None, {"x": x})[0]) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("feeds", "message"),
+    [
+        ([], "is empty"),
+        ([{"input": np.zeros((2, 4, 24), np.float32)}], "'input' is not an input of the model"),
+        ([{"x": np.zeros((2, 5, 24), np.float32)}], "has size 5 on axis 1"),
+        ([{"x": np.zeros((2, 4), np.float32)}], "has rank 2"),
+    ],
+)
+def test_bad_calibration_fails_before_any_change(feeds: list, message: str) -> None:
+    model = _linear()
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(CalibrationError, match=message):
+        _quantize(model, feeds)
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_options_and_recipes() -> None:
+    with pytest.raises(RecipeError, match="method"):
+        create("quantize.static-int8", {"method": "mse"})
+    with pytest.raises(RecipeError, match="percentile"):
+        create("quantize.static-int8", {"percentile": 20})
+    with pytest.raises(RecipeError, match="op_types"):
+        create("quantize.static-int8", {"op_types": ["LayerNormalization"]})
+    steps = {
+        name: [step.name for step in recipes.load(name).passes]
+        for name in ("int8-static", "int8-dynamic", "w8a8-smoothquant")
+    }
+    assert steps["int8-static"][-1] == "quantize.static-int8"
+    assert steps["int8-dynamic"][-1] == "quantize.dynamic-int8"
+    assert steps["w8a8-smoothquant"][-2:] == ["quantize.smoothquant", "quantize.static-int8"]
+    assert recipes.load("int8-static").needs_calibration and not recipes.load("int8-dynamic").needs_calibration
