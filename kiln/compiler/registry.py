@@ -20,7 +20,7 @@ from kiln.passes._base import KilnPass, PassContext
 _REGISTRY: dict[str, type[KilnPass]] = {}
 
 # Modules whose import registers kiln's built-in passes.
-_BUILTIN_MODULES = ("kiln.passes.cleanup", "kiln.passes.quantize")
+_BUILTIN_MODULES = ("kiln.passes.cleanup", "kiln.passes.quantize", "kiln.passes.lowrank")
 
 
 def register(name: str) -> Callable[[type[KilnPass]], type[KilnPass]]:
