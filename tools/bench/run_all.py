@@ -1,0 +1,270 @@
+"""Regenerate docs/BENCHMARKS.md and its plots from scratch: every zoo model, every built-in recipe, ORT's baselines.
+
+    python tools/bench/run_all.py                    # the full run: docs/BENCHMARKS.md + docs/bench-*.png
+    python tools/bench/run_all.py --quick            # a smoke run (< 10 min) into <kiln cache>/bench/quick-report/
+
+Everything in the document is measured in this one process: the machine's memory bandwidth, the GEMV kernels,
+then each model's table (see kiln.bench.runner for the protocol). Compiled variants and baselines are cached, so
+a second run only measures. ``--models`` also takes model paths, which is how the test suite runs a tiny subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from kiln.bench import baselines, kernels, report
+from kiln.bench.bandwidth import measure_bandwidth
+from kiln.bench.cache import bench_root
+from kiln.bench.command import make_progress
+from kiln.bench.plots import pareto_front, plot_tradeoffs
+from kiln.bench.runner import BenchOptions, BenchResult, run_bench
+from kiln.compiler import recipes
+from kiln.errors import KilnError
+
+FULL_MODELS = ("minilm-l6", "efficientnet-lite0", "smollm2-135m", "smollm2-135m/decode")
+#: The decode graph is a second 540 MB model to compile for every recipe: left out of quick runs.
+QUICK_MODELS = ("minilm-l6", "efficientnet-lite0", "smollm2-135m")
+FULL_BASELINES = (*baselines.DEFAULT_KINDS, "ort-gptq")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parse_shapes(text: str) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for item in text.split(","):
+        k, _, n = item.strip().partition("x")
+        shapes[f"{int(k)}x{int(n)}"] = (int(k), int(n))
+    return shapes
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """``NAME[/VARIANT]`` of a zoo model, or a model path (variant "full", ignored for non-zoo models)."""
+    if spec.endswith(".onnx") or Path(spec).exists():
+        return spec, "full"
+    name, _, variant = spec.partition("/")
+    return name, variant or "full"
+
+
+def _slug(spec: str) -> str:
+    return Path(spec).parent.name if spec.endswith(".onnx") else spec.replace("/", "-")
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return " ".join(["python tools/bench/run_all.py", *argv])
+
+
+def _bench_command(spec: str, quick: bool, kinds: Sequence[str], chosen: str | None) -> str:
+    name, variant = _split_spec(spec)
+    parts = ["kiln bench", name]
+    if variant != "full":
+        parts.append(f"--variant {variant}")
+    if chosen:
+        parts.append(f"--recipes {chosen}")
+    parts.append("--baselines " + ",".join(kinds))
+    if quick:
+        parts.append("--quick")
+    parts.append(f"--plot docs/bench-{_slug(spec)}.png")
+    return " ".join(parts)
+
+
+def _front_text(result: BenchResult) -> str:
+    """Names on the latency and the size Pareto fronts."""
+    quality = [row.metric.candidate for row in result.rows]
+    lines = []
+    for label, cost in (
+        ("latency", [row.latency.median_ms for row in result.rows]),
+        ("size", [row.bytes for row in result.rows]),
+    ):
+        front = pareto_front(list(zip(cost, quality)), higher_is_better=result.higher_is_better)
+        lines.append(f"- Pareto front on {label} vs {result.metric}: " + ", ".join(result.rows[i].name for i in front))
+    return "\n".join(lines)
+
+
+def _variants_text(result: BenchResult) -> str:
+    lines = []
+    for row in result.rows:
+        built = f"; built in {row.build_seconds:.0f} s" if row.build_seconds is not None else ""
+        lines.append(f"- `{row.name}`: {row.description}{built}")
+    return "\n".join(lines)
+
+
+def _section(spec: str, result: BenchResult | str, plot: Path | None, out_dir: Path) -> str:
+    title = f"## {spec}\n\n"
+    if isinstance(result, str):
+        return title + f"Not measured: {result}\n"
+    p = result.protocol
+    feed = ", ".join(f"`{k}` {v}" for k, v in p["latency_feed"].items())
+    parts = [
+        title + f"Accuracy: {p['data']}. Calibration: {p['calibration_feeds']} feeds. Latency feed: {feed}; "
+        f"{p['repeats']} interleaved rounds after warm-up ({p['warmup_rounds']}), {p['threads']} threads. "
+        f"Measured in {p['seconds']} s. The {report.noise_text(result)}.",
+        report.result_markdown(result),
+        _front_text(result),
+    ]
+    if plot is not None:
+        parts.append(f"![{result.model}]({os.path.relpath(plot, out_dir)})")
+    parts.append("Variants:\n\n" + _variants_text(result))
+    return "\n\n".join(parts) + "\n"
+
+
+def _recipes_text() -> str:
+    lines = []
+    for name in recipes.builtin_names():
+        try:
+            recipe = recipes.load(name)
+        except KilnError as e:
+            lines.append(f"- `{name}`: cannot be loaded ({e})")
+            continue
+        passes = " -> ".join(step.name for step in recipe.passes)
+        lines.append(f"- `{name}` ({recipe.target}): {recipe.description}. Passes: {passes}")
+    return "\n".join(lines)
+
+
+PROTOCOL_TEXT = """\
+- **One process, round-robin.** Every variant of a model is loaded in one process, then timed in turn (A, B, C, A,
+  B, C, ..., the starting variant rotating each round) on one batch-1 feed, after warm-up rounds; the tables give
+  the median and the 90th percentile. The number of rounds fits a time budget (120 s per model; 10 s in quick
+  runs), at least 5 (3). A background burst then hits every variant alike instead of skewing one.
+- **Same thread count, no spinning.** Every session gets 2 intra-op threads and
+  `session.intra_op.allow_spinning=0`. With spinning on (ONNX Runtime's default), the idle pool threads of the
+  previous session keep spinning on the 2 cores while the next one runs: in a test on this machine that made an
+  interleaved 1.8 ms model measure 3-18 ms.
+- **Accuracy against fp32.** Every variant runs on the same evaluation feeds; the fp32 model's outputs are the
+  reference, and the zoo's task metric is computed from them (`kiln.compiler.metrics`: perplexity, embedding
+  cosine, top-1 agreement). "vs fp32" is the relative change of the metric; "tolerance" applies the recipe's own
+  `[verify]` limits to the benchmark's metric.
+- **Same calibration data.** Calibrating kiln recipes and the calibrated baselines (`ort-static`, `ort-gptq`) get
+  the same calibration feeds (Sense and Sensibility, or other photo crops), never the evaluation data.
+- **Bytes** are the model file plus its external data on disk.
+- **Caching.** Compiled variants live in `<kiln cache>/bench/kiln`, keyed by the model file, the recipe, the
+  calibration data and kiln (its version plus a digest of its compiler, pass, recipe and target sources);
+  baselines in `<kiln cache>/bench/baselines`, keyed by the ONNX Runtime version. Build times in the variant
+  lists are from when each was first built.
+"""
+
+KERNEL_TEXT = """\
+Batch-1 GEMV `[1, K] @ [K, N]` is what a language model does per generated token, and it is memory-bound: each
+weight is read once for two flops. Each format is timed on a model holding enough distinct copies of the weight
+("matrices") that one run reads more than 3x the last-level cache, so weights come from DRAM as they do in a real
+model; the time per GEMV is the run time divided by the number of copies (it includes ONNX Runtime's per-node
+overhead and a Concat of the small outputs). "bound us" is the least time moving the weights, the input and the
+output can take at the best memory rate measured in this same run; "bound / time" near 100% means the kernel
+streams at memory speed, and a smaller weight format can only win in proportion to its bytes. kiln rows use
+exactly the node kiln's `quantize.rtn` emits for the shape (attributes, initializer layout), ORT rows the node
+ONNX Runtime's `MatMulNBitsQuantizer` emits; codes and scales are random. ONNX Runtime's 2-bit LUT kernel runs
+only when K % 32, N % 128 and K % block_size are all 0 (measured); otherwise a generic 2-bit kernel 50-200x
+slower runs, which the note column flags."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few rounds, 2 kernel shapes")
+    parser.add_argument("--out-dir", type=Path, help="where BENCHMARKS.md and the plots go (default: docs/)")
+    parser.add_argument("--models", help="comma-separated zoo NAME[/VARIANT] or model paths (default: the zoo)")
+    parser.add_argument("--recipes", help="comma-separated recipes (default: every built-in recipe)")
+    parser.add_argument("--baselines", help="comma-separated baselines (default: all, ort-gptq only in full runs)")
+    parser.add_argument("--kernel-shapes", help="comma-separated KxN GEMV shapes (default: 4096x4096 and SmolLM2's)")
+    parser.add_argument(
+        "--kernel-footprint", type=float, help="weights per kernel run, in last-level caches (default 3; quick 2)"
+    )
+    parser.add_argument("--no-kernels", action="store_true", help="skip the GEMV micro-benchmark")
+    parser.add_argument("--note", help="a sentence for the header, e.g. what else ran on the machine")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    out_dir = args.out_dir or (bench_root() / "quick-report" if args.quick else REPO / "docs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else FULL_MODELS)
+    kinds = (
+        args.baselines.split(",") if args.baselines else list(baselines.DEFAULT_KINDS if args.quick else FULL_BASELINES)
+    )
+    err = Console(stderr=True)
+    results: dict[str, BenchResult | str] = {}
+    plots: dict[str, Path | None] = {}
+    kernel_rows: list[kernels.KernelRow] = []
+    with make_progress(err) as progress:
+        task = progress.add_task("measuring memory bandwidth", total=None)
+        bandwidth = measure_bandwidth()
+        progress.remove_task(task)
+        if not args.no_kernels:
+            shapes = kernels.SHAPES if not args.quick else dict(list(kernels.SHAPES.items())[1:3])
+            if args.kernel_shapes:
+                shapes = _parse_shapes(args.kernel_shapes)
+            kernel_rows = kernels.kernel_bench(
+                bandwidth,
+                shapes=shapes,
+                repeats=5 if args.quick else 30,
+                footprint_llc=args.kernel_footprint or (2.0 if args.quick else 3.0),
+                progress=progress,
+            )
+        for spec in models:
+            name, variant = _split_spec(spec)
+            chosen = args.recipes.split(",") if args.recipes else None
+            options = BenchOptions(recipes=chosen, variant=variant, quick=args.quick, baselines=kinds)
+            err.print(f"[bold]{spec}[/]")
+            try:
+                result = run_bench(name, options, progress)
+            except KilnError as e:
+                results[spec], plots[spec] = str(e), None
+                err.print(f"  not measured: {e}", markup=False)
+                continue
+            results[spec] = result
+            plots[spec] = plot_tradeoffs(result, out_dir / f"bench-{_slug(spec)}.png")
+            report.print_wide(err, report.result_table(result))
+    info = report.machine(bandwidth)
+    minutes = (time.perf_counter() - start) / 60
+    load_after = os.getloadavg()
+    header = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{_command_line(argv)}` on {datetime.date.today().isoformat()} in {minutes:.0f} min. "
+        "Do not edit by hand: run the command again.",
+    ]
+    if args.quick:
+        header += ["", "**Quick run**: one or two feeds, short windows, few timing rounds. A smoke test, not results."]
+    header += [
+        "",
+        f"Load average (1 min) at the start {load_before[0]:.2f}, at the end {load_after[0]:.2f}"
+        + (f". {args.note}" if args.note else ""),
+    ]
+    sections = [
+        "\n".join(header),
+        "## Machine\n\n" + report.machine_markdown(info),
+        "## Reproduce\n\n```bash\n"
+        + _command_line(argv)
+        + "   # everything below\n"
+        + "\n".join(_bench_command(spec, args.quick, kinds, args.recipes) for spec in models)
+        + "\nkiln bench --kernels"
+        + (" --quick" if args.quick else "")
+        + "\n```",
+        "## Protocol\n\n" + PROTOCOL_TEXT,
+        "## Built-in recipes\n\n"
+        + ("Every built-in recipe" if not args.recipes else f"Only `{args.recipes}` (--recipes)")
+        + " is benchmarked on every model; a recipe that fails on a model or changes nothing in it is listed under "
+        "its table with the reason.\n\n" + _recipes_text(),
+    ]
+    if kernel_rows:
+        sections.append(
+            "## Kernels: batch-1 GEMV against the memory-bandwidth bound\n\n"
+            + KERNEL_TEXT
+            + "\n\n"
+            + report.kernel_markdown(kernel_rows)
+        )
+    sections += [_section(spec, results[spec], plots[spec], out_dir) for spec in models]
+    document = out_dir / "BENCHMARKS.md"
+    document.write_text("\n\n".join(s.rstrip("\n") for s in sections) + "\n")
+    err.print(f"wrote {document} in {minutes:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
