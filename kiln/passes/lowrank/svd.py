@@ -37,7 +37,11 @@ there is factored by plain SVD and reported with ``"whitened": false``.
 Details per layer: ``rank``, ``max_rank`` (the largest rank meeting ``min_saving``), ``kept_energy`` (fraction of
 the whitened energy kept), ``tail_rel_error`` (``sqrt`` of the lost fraction: the relative weight error for plain
 SVD, the estimated relative output error when whitened) and, with ``"cov"``, ``output_rel_error``: the exact
-relative output error ``sqrt(tr(D^T G D) / tr(W^T G W))`` on the calibration data (undamped).
+relative output error ``sqrt(tr(D^T G D) / tr(W^T G W))`` on the calibration data (undamped), and
+``calibration_rows``. Whitening needs comfortably more rows than K: from fewer, the Gram is singular, the directions
+the calibration never showed look free to drop, and both error figures are optimistic for unseen inputs (measured:
+EfficientNet-Lite0's classifier, K=1280 from 128 calibration images, reports 0.2% output error at rank 360 and
+still moves top-1 agreement to 0.89).
 """
 
 from __future__ import annotations
@@ -145,6 +149,8 @@ class Matrix:
     max_rank: int
     #: The statistics its whitening sums: one per main-graph node's (input, Conv geometry); none when not whitened.
     keys: list[whiten.StatKey] = dataclasses.field(default_factory=list)
+    #: Calibration rows behind its statistics.
+    rows: int = 0
 
     @property
     def whitened(self) -> bool:
@@ -309,18 +315,6 @@ class LowRankSVD(KilnPass):
         """Hook for the whitened pass: collect input statistics; plain SVD needs none."""
         return None
 
-    @staticmethod
-    def _keys(matrix: Matrix, main: ir.Graph) -> list[whiten.StatKey]:
-        """The statistics a matrix's whitening sums: one per main-graph site's (input, Conv geometry)."""
-        keys: list[whiten.StatKey] = []
-        for site in matrix.sites:
-            x = site.node.inputs[0]
-            if site.node.graph is main and x is not None and x.name:
-                key = (x.name, site.patches)
-                if key not in keys:
-                    keys.append(key)
-        return keys
-
     def _whitening(self, matrix: Matrix, stats: whiten.Statistics | None) -> whiten.Whitening:
         return whiten.Whitening("none")
 
@@ -376,6 +370,8 @@ class LowRankSVD(KilnPass):
             signal = float(np.einsum("kn,kn->", w, whitening.gram @ w, dtype=np.float64))
             error = float(np.einsum("kn,kn->", d, whitening.gram @ d))
             layer["output_rel_error"] = math.sqrt(error / signal) if signal > 0 else 0.0
+        if matrix.whitened:
+            layer["calibration_rows"] = matrix.rows
         del w
 
         graph = _weights.defining_graph(matrix.weight)
@@ -452,12 +448,26 @@ class ActivationAwareSVD(LowRankSVD):
         passes = 0
         if dims:
             passes = stats.collect(self.context.calibration, model, dims, self.options.stats_memory_mb << 20)
+        for matrix in matrices:
+            matrix.rows = sum(stats.rows[key] for key in matrix.keys)
         self.details["calibration"] = {
             "statistics": len(dims),
             "passes": passes,
             "seconds": round(time.perf_counter() - start, 3),
         }
         return stats
+
+    @staticmethod
+    def _keys(matrix: Matrix, main: ir.Graph) -> list[whiten.StatKey]:
+        """The statistics a matrix's whitening sums: one per main-graph site's (input, Conv geometry)."""
+        keys: list[whiten.StatKey] = []
+        for site in matrix.sites:
+            x = site.node.inputs[0]
+            if site.node.graph is main and x is not None and x.name:
+                key = (x.name, site.patches)
+                if key not in keys:
+                    keys.append(key)
+        return keys
 
     def _whitening(self, matrix: Matrix, stats: whiten.Statistics | None) -> whiten.Whitening:
         if not matrix.keys or stats is None:

@@ -145,6 +145,9 @@ class Statistics:
         self.directory = directory
         self.full = full
         self._index: dict[StatKey, int] = {}
+        #: Calibration rows behind each statistic: a Gram from fewer rows than K is singular, and the whitened
+        #: errors measured on it are optimistic for unseen inputs.
+        self.rows: dict[StatKey, int] = {}
 
     def collect(
         self, calibration: CalibrationData, model: ir.Model, dims: dict[StatKey, int], memory_bytes: int
@@ -171,6 +174,7 @@ class Statistics:
             for key, reducer in reducers.items():
                 index = self._index.setdefault(key, len(self._index))
                 np.save(self.directory / f"{index}.npy", reducer.value.astype(np.float32))
+                self.rows[key] = reducer.count
             del reducers, by_tensor
         return len(chunks)
 

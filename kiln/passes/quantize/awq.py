@@ -17,8 +17,8 @@ Folding ``1/s`` (each is exact in float; ``A`` must feed only the group's matmul
   SkipLayerNormalization: their scale (and bias) become ``/ s``;
 * ``A = v`` or ``A = Mul(u, v)`` where ``v = MatMul(x, Wp)`` and ``Wp`` is quantized by this pass and used nowhere
   else (SwiGLU: the down projection reads ``silu(gate) * up``): ``Wp``'s output columns are divided by ``s``. This
-  is applied to ``Wp``'s quantized group scales: min-max grids have one scale per (group, column), so
-  ``Q(Wp diag(c)) = Q(Wp) diag(c)`` and nothing about ``Wp``'s own quantization changes;
+  is applied to ``Wp``'s quantized group scales: grids have one scale per (group, column) and clipping and GPTQ
+  work column by column, so ``Q(Wp diag(c)) = Q(Wp) diag(c)`` and nothing about ``Wp``'s own quantization changes;
 * otherwise, with ``insert_mul``, an explicit ``Mul(A, 1/s)`` feeding the group (one elementwise op per group, e.g.
   the attention output projection); without it the group keeps ``s = 1`` (clipping only).
 

@@ -170,41 +170,19 @@ class StaticInt8(KilnPass):
             extra={name: [stat] for name, stat in mean_squares.items()},
         )
         grids = {name: int8.activation_grid(*found[name], opts.activation_type) for name in tensors}
-        floors = _bias_floors(sites, grids)
         quantized: dict[tuple[ir.Value, int], int8.QuantizedWeight] = {}
-        kept = []
-        for site in sites:
-            layer = self._measure(site, grids[site.activation.name], quantized, floors, mean_squares)
-            estimate = layer.get("est_output_rel_error", 0.0)
-            if opts.max_layer_error is not None and estimate > opts.max_layer_error:
-                self.details["skipped"][site.label] = f"estimated output error {estimate:.4f} > max_layer_error"
-            else:
-                self.details["layers"][site.label] = layer
-                kept.append(site)
-        sites = kept
-        tensors = [name for name in tensors if any(name in (s.activation.name, _name(s.output)) for s in sites)]
+        sites = self._select(sites, grids, quantized, mean_squares)
         for name in tensors:
-            grid = grids[name]
-            self.details["activations"][name] = {
-                "range": list(found[name]),
-                "scale": grid.scale,
-                "zero_point": grid.zero_point,
-            }
+            if any(name in (s.activation.name, _name(s.output)) for s in sites):
+                grid = grids[name]
+                self.details["activations"][name] = {
+                    "range": list(found[name]),
+                    "scale": grid.scale,
+                    "zero_point": grid.zero_point,
+                }
         if not sites:
             return ir.passes.PassResult(model, modified=bool(converted))
-
-        names = _weights.NameScope(model)
-        for site in sites:
-            if not site.node.name:
-                site.node.name = names.fresh(site.label.replace(":", "_"))
-        dequantized = {name: self._insert_qdq(model.graph, name, sites, grids[name], names) for name in tensors}
-        weights: dict[tuple[ir.Value, int], ir.Value] = {}
-        for site in sites:
-            site.node.replace_input_with(0, dequantized[site.activation.name])
-            self._quantize_layer(site, grids[site.activation.name], quantized, weights, names)
-        for value in {site.weight for site in sites} | {site.bias for site in sites if site.bias is not None}:
-            _weights.remove_if_unused(value)
-
+        self._rewrite(model, sites, grids, quantized)
         if opts.check_fusion:
             report = ort_fusion.fusion_report(model, [site.node.name for site in sites])
             self.details["ort_fusion"] = report.to_dict()
@@ -212,6 +190,48 @@ class StaticInt8(KilnPass):
             for site in sites:
                 self.details["layers"][site.label]["fused"] = site.node.name in fused
         return ir.passes.PassResult(model, modified=True)
+
+    def _select(
+        self,
+        sites: list[_Site],
+        grids: dict[str, int8.ActivationGrid],
+        quantized: dict[tuple[ir.Value, int], int8.QuantizedWeight],
+        mean_squares: dict[str, ChannelMeanSquare],
+    ) -> list[_Site]:
+        """Quantize every weight, record each layer's errors, and drop layers above ``max_layer_error``."""
+        floors = _bias_floors(sites, grids)
+        kept = []
+        for site in sites:
+            layer = self._measure(site, grids[site.activation.name], quantized, floors, mean_squares)
+            estimate = layer.get("est_output_rel_error", 0.0)
+            limit = self.options.max_layer_error
+            if limit is not None and estimate > limit:
+                self.details["skipped"][site.label] = f"estimated output error {estimate:.4f} > max_layer_error"
+            else:
+                self.details["layers"][site.label] = layer
+                kept.append(site)
+        return kept
+
+    def _rewrite(
+        self,
+        model: ir.Model,
+        sites: list[_Site],
+        grids: dict[str, int8.ActivationGrid],
+        quantized: dict[tuple[ir.Value, int], int8.QuantizedWeight],
+    ) -> None:
+        """Insert the activation QDQ pairs, swap weights and biases for their DequantizeLinear, drop float copies."""
+        names = _weights.NameScope(model)
+        for site in sites:
+            if not site.node.name:
+                site.node.name = names.fresh(site.label.replace(":", "_"))
+        tensors = list(dict.fromkeys(v.name for s in sites for v in (s.activation, s.output) if v is not None))
+        dequantized = {name: self._insert_qdq(model.graph, name, sites, grids[name], names) for name in tensors}
+        weights: dict[tuple[ir.Value, int], ir.Value] = {}
+        for site in sites:
+            site.node.replace_input_with(0, dequantized[site.activation.name])
+            self._quantize_layer(site, grids[site.activation.name], quantized, weights, names)
+        for value in {site.weight for site in sites} | {site.bias for site in sites if site.bias is not None}:
+            _weights.remove_if_unused(value)
 
     # -- finding what to quantize ------------------------------------------------------------------------------
 

@@ -272,6 +272,7 @@ def test_whitened_factorization_has_lower_output_error_at_equal_rank() -> None:
             # With negligible damping the tail of the whitened spectrum is the output error on the calibration data.
             assert layer["output_rel_error"] == pytest.approx(errors["cov"], rel=1e-3)
             assert layer["tail_rel_error"] == pytest.approx(errors["cov"], rel=1e-3)
+            assert layer["calibration_rows"] == len(x)
     # Measured relative output errors: none 0.558, diag 0.555, cov 0.497 (a random, full-rank weight).
     assert errors["cov"] < errors["diag"] < errors["none"]
     assert errors["cov"] < 0.92 * errors["none"]
