@@ -20,8 +20,8 @@
 
 ONNX Runtime's weight-only quantizers handle ``MatMul`` only (kiln's also handles ``Gemm``); a baseline whose
 quantizer left every operator as it was is reported as skipped. Baselines are cached like compiled variants,
-keyed by the model, the setting, the calibration data and the ONNX Runtime version; ``build.json`` beside each
-records how long it took to make.
+keyed by the model, the setting, the calibration data, the ONNX Runtime version and this module's source (which
+holds the quantizers' settings); ``build.json`` beside each records how long it took to make.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -200,6 +201,7 @@ def cache_dir(baseline: Baseline, model_path: Path, calibration: Sequence[Mappin
         cache.model_fingerprint(model_path),
         dataclasses.asdict(baseline),
         ort.__version__,
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # how this module calls the quantizers
         cache.feeds_digest(calibration) if baseline.needs_calibration else None,
     )
     return cache.bench_root() / "baselines" / f"{slug}-{baseline.name.replace(' ', '-')}-{key}"

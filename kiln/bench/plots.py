@@ -13,6 +13,8 @@ from kiln.bench.runner import BenchResult
 
 _COLORS = {"fp32": "black", "ort": "tab:blue", "kiln": "tab:orange"}
 _LABELS = {"fp32": "fp32", "ort": "ONNX Runtime quantizers", "kiln": "kiln recipes"}
+#: Variants whose metric is more than this much worse than fp32 (relative) are drawn on the panel's edge.
+OFF_SCALE_LOSS = 0.5
 
 
 def pareto_front(points: Sequence[tuple[float, float]], *, higher_is_better: bool) -> list[int]:
@@ -41,8 +43,20 @@ def pareto_front(points: Sequence[tuple[float, float]], *, higher_is_better: boo
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _visible_range(result: BenchResult) -> tuple[float, float]:
+    """The metric range drawn: every point at most :data:`OFF_SCALE_LOSS` worse than fp32, plus a margin."""
+    kept = [row.metric.candidate for row in result.rows if row.metric.relative_loss <= OFF_SCALE_LOSS]
+    low, high = min(kept), max(kept)
+    margin = (high - low) * 0.08 or abs(high) * 0.01 or 0.01
+    return low - margin, high + margin
+
+
 def plot_tradeoffs(result: BenchResult, path: str | Path) -> Path:
-    """Write a PNG with two panels, metric vs median latency and metric vs bytes (log x), Pareto fronts marked."""
+    """Write a PNG: metric vs median latency and vs bytes (log x), Pareto fronts marked.
+
+    Points are numbered, with the names listed beside the panels (names written at the points overlap). Variants
+    more than 50% worse than fp32 are drawn as triangles on the edge of the panel, so they do not squash the rest.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,33 +65,38 @@ def plot_tradeoffs(result: BenchResult, path: str | Path) -> Path:
     from matplotlib.ticker import FuncFormatter
 
     path = Path(path)
+    low, high = _visible_range(result)
     quality = [row.metric.candidate for row in result.rows]
+    shown = [min(max(q, low), high) for q in quality]
+    edge = "v" if result.higher_is_better else "^"
     panels = [
         ("median latency, batch 1 (ms, log scale)", [row.latency.median_ms for row in result.rows]),
         ("model size (MB, log scale)", [row.bytes / 1e6 for row in result.rows]),
     ]
     direction = "higher is better" if result.higher_is_better else "lower is better"
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6))
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
     for ax, (xlabel, cost) in zip(axes, panels):
         front = pareto_front(list(zip(cost, quality)), higher_is_better=result.higher_is_better)
-        ax.step([cost[i] for i in front], [quality[i] for i in front], "--", where="post", color="tab:green", zorder=1)
+        ax.step([cost[i] for i in front], [shown[i] for i in front], "--", where="post", color="tab:green", zorder=1)
         for i, row in enumerate(result.rows):
+            off = shown[i] != quality[i]
             ax.scatter(
                 cost[i],
-                quality[i],
+                shown[i],
                 s=90 if i in front else 40,
                 color=_COLORS[row.kind],
                 edgecolors="tab:green" if i in front else "none",
                 linewidths=2,
-                marker="*" if row.kind == "fp32" else "o",
+                marker="*" if row.kind == "fp32" else edge if off else "o",
                 zorder=2,
             )
-            ax.annotate(row.name, (cost[i], quality[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(str(i + 1), (cost[i], shown[i]), fontsize=8, xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log")
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.tick_params(axis="x", which="both", labelsize=8)
+        ax.set_ylim(low, high)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{result.metric} ({direction})")
         ax.grid(True, which="both", alpha=0.3)
@@ -85,11 +104,21 @@ def plot_tradeoffs(result: BenchResult, path: str | Path) -> Path:
         Line2D([], [], marker="*" if kind == "fp32" else "o", linestyle="", color=color, label=_LABELS[kind])
         for kind, color in _COLORS.items()
     ]
+    handles.append(Line2D([], [], marker=edge, linestyle="", color="gray", label="off scale (> 50% worse)"))
     handles.append(Line2D([], [], linestyle="--", color="tab:green", label="Pareto front (ringed points)"))
     axes[0].legend(handles=handles, fontsize=8, loc="best")
+    names = [
+        f"{i + 1:>2}  {row.name}" + (f"  ({_value(q)})" if shown[i] != q else "")
+        for i, (row, q) in enumerate(zip(result.rows, quality))
+    ]
+    fig.text(0.805, 0.88, "\n".join(names), fontsize=8, family="monospace", va="top")
     fig.suptitle(f"{result.model}: {result.metric} vs latency and size")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _value(value: float) -> str:
+    return f"{value:.4g}"

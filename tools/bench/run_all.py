@@ -146,8 +146,10 @@ PROTOCOL_TEXT = """\
 - **Bytes** are the model file plus its external data on disk.
 - **Caching.** Compiled variants live in `<kiln cache>/bench/kiln`, keyed by the model file, the recipe, the
   calibration data and kiln (its version plus a digest of its compiler, pass, recipe and target sources);
-  baselines in `<kiln cache>/bench/baselines`, keyed by the ONNX Runtime version. Build times in the variant
-  lists are from when each was first built.
+  baselines in `<kiln cache>/bench/baselines`, keyed by the ONNX Runtime version and the quantizer settings.
+  Build times in the variant lists are from when each was first built.
+- **Plots** number the variants (names listed beside the panels); a variant more than 50% worse than fp32 is
+  drawn as a triangle on the panel's edge with its value in the list, so it does not squash the others.
 """
 
 KERNEL_TEXT = """\
