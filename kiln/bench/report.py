@@ -19,7 +19,7 @@ from rich.table import Table
 import kiln
 from kiln.bench.bandwidth import Bandwidth, llc_bytes
 from kiln.bench.kernels import KernelRow
-from kiln.bench.runner import BenchResult, Row
+from kiln.bench.runner import BenchResult
 
 #: Columns of a result table; "metric" is shown under the metric's own name.
 RESULT_COLUMNS = ("variant", "bytes", "smaller", "median ms", "p90 ms", "speed-up", "metric", "vs fp32", "tolerance")
@@ -133,11 +133,6 @@ def result_markdown(result: BenchResult) -> str:
     if result.skipped:
         text += "\n\nSkipped:\n\n" + "\n".join(f"- `{s['name']}`: {s['reason']}" for s in result.skipped)
     return text
-
-
-def describe_rows(rows: Sequence[Row]) -> str:
-    """A Markdown list saying what each variant is."""
-    return "\n".join(f"- `{row.name}`: {row.description}" for row in rows)
 
 
 def kernel_cells(rows: Sequence[KernelRow]) -> list[list[str]]:

@@ -26,7 +26,7 @@ With ``method="gptq"`` the scaled weight ``diag(s) W`` is quantized by GPTQ (:mo
 against the Hessian of the scaled input, ``diag(1/s) G diag(1/s)``, instead of round-to-nearest.
 
 Clipping (``clip``). Per (group along K, column), the grid's range ``[lo, hi]`` is shrunk to ``r [lo, hi]`` for
-``r`` in ``{1, 1 - 1/n, ...}`` down to ``1 - max_shrink`` (exclusive), and the ``r`` minimizing that group's own
+``r`` in ``{1, 0.95, ..., 0.55}`` (AWQ's grid), and the ``r`` minimizing that group's own
 output error ``d^T G_gg d`` wins (``G_gg`` the group's diagonal block of the Gram of ``A diag(1/s)``; terms across
 groups are ignored, as in AWQ). Codes outside the shrunk range saturate.
 """
@@ -45,6 +45,7 @@ from kiln.compiler.registry import register
 from kiln.passes import _weights
 from kiln.passes.quantize import grid
 from kiln.passes.quantize.gptq import (
+    CLIP_RATIOS,
     CalibratedWeightOnly,
     ChannelMean,
     GPTQOptions,
@@ -202,9 +203,8 @@ def apply_fold(
 class AWQOptions(GPTQOptions):
     """Options of ``quantize.awq``, on top of ``quantize.rtn``'s (and ``quantize.gptq``'s, for ``method="gptq"``).
 
-    * ``grid_points``: alphas searched for the scale, and clipping ratios per unit of shrink.
+    * ``grid_points``: alphas searched for the scale.
     * ``clip``: search a range shrink per (group, column).
-    * ``max_shrink``: clipping shrinks the range by less than this fraction.
     * ``insert_mul``: scale inputs whose inverse cannot be folded into their producer with an explicit Mul.
     * ``method``: how the scaled weights are put on the grid: "rtn" (AWQ) or "gptq" (GPTQ on ``diag(s) W`` with
       the scaled input's Hessian, its group ranges clipped as above when ``clip``).
@@ -212,7 +212,6 @@ class AWQOptions(GPTQOptions):
 
     clip: bool = True
     grid_points: int = 20
-    max_shrink: float = 0.5
     insert_mul: bool = True
     method: Literal["rtn", "gptq"] = "rtn"
 
@@ -220,13 +219,6 @@ class AWQOptions(GPTQOptions):
         super().__post_init__()
         if self.grid_points < 1:
             raise ValueError(f"grid_points must be >= 1, got {self.grid_points}")
-        if not 0 <= self.max_shrink < 1:
-            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
-
-    @property
-    def clip_ratios(self) -> list[float]:
-        """1, 1 - 1/n, ... while the shrink stays below ``max_shrink``."""
-        return [1 - i / self.grid_points for i in range(max(1, int(self.max_shrink * self.grid_points)))]
 
 
 @register("quantize.awq")
@@ -309,7 +301,7 @@ class AWQ(CalibratedWeightOnly):
         if s is not None:
             scaled = [w * s.astype(np.float32)[:, None] for w in scaled]
             gram = gram / np.outer(s, s)  # the Gram of A diag(1/s)
-        ratios = opts.clip_ratios if opts.clip else None
+        ratios = CLIP_RATIOS if opts.clip else None
         if opts.method == "gptq":
             joined = np.concatenate(scaled, axis=1) if len(scaled) > 1 else scaled[0]
             q = gptq(

@@ -220,7 +220,7 @@ def test_without_insert_mul_unfoldable_inputs_keep_scale_one() -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"grid_points": 0}, "grid_points must be >= 1"), ({"max_shrink": 1.0}, r"max_shrink must be in \[0, 1\)")],
+    [({"grid_points": 0}, "grid_points must be >= 1"), ({"method": "svd"}, "must be one of 'rtn', 'gptq'")],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(RecipeError, match=message):
