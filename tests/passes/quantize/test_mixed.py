@@ -16,7 +16,7 @@ from kiln.compiler import registry
 from kiln.compiler.calibration import CalibrationData
 from kiln.errors import KilnError, RecipeError
 from kiln.passes import KilnPass, PassContext, create
-from kiln.passes.quantize import mixed
+from kiln.passes.quantize import grid, mixed
 
 
 def _brute_force(sizes: list[int], bits: list[int], errors: np.ndarray, budget: float) -> float:
@@ -101,13 +101,41 @@ def test_pass_respects_the_budget_and_runs(fmt: str) -> None:
     assert np.linalg.norm(y - reference) / np.linalg.norm(reference) < 0.5
 
 
+def test_model_sensitivity_is_the_models_output_error_with_that_layer_alone_quantized() -> None:
+    sizes = [64, 128, 64, 32]
+    feeds = _feeds(64)
+    model = kiln.testing.mlp(sizes, seed=5)
+    options = {"candidate_bits": [2, 4], "average_bits": 3.0, "method": "rtn", "clip": False, "group_size": 32}
+    details = _quantize(model, "quantize.mixed", feeds, sensitivity_batches=2, **options).details
+    assert details["allocation"]["sensitivity"] == "model"
+    reference = kiln.testing.mlp(sizes, seed=5)
+    expected = np.concatenate(_run(reference, feeds[:2]))
+    for i in range(len(sizes) - 1):
+        alone = kiln.testing.mlp(sizes, seed=5)
+        weight = alone.graph.initializers[f"w{i}"]
+        w = weight.const_value.numpy()
+        dequantized = grid.dequantize(grid.quantize(w, grid.GridSpec(2, 32, False)))
+        weight.const_value = ir.tensor(dequantized, name=f"w{i}")
+        y = np.concatenate(_run(alone, feeds[:2]))
+        error = float(np.square(y - expected, dtype=np.float64).sum() / np.square(expected, dtype=np.float64).sum())
+        assert details["layers"][f"matmul{i}"]["sensitivity"]["2"] == pytest.approx(error, rel=1e-4)
+        assert details["layers"][f"matmul{i}"]["sensitivity"]["4"] < error
+
+
+def test_layer_sensitivity_needs_no_model_runs() -> None:
+    model = kiln.testing.mlp([64, 128, 32], seed=5)
+    details = _quantize(model, "quantize.mixed", _feeds(64), sensitivity="layer", group_size=32).details
+    assert details["allocation"]["sensitivity"] == "layer"
+    assert all(0 < layer["sensitivity"]["2"] < 1 for layer in details["layers"].values())
+
+
 def test_more_budget_never_hurts() -> None:
     feeds = _feeds(128)
     totals = []
     for average in (2.0, 3.0, 4.0, 8.0):
         model = kiln.testing.mlp([128, 256, 128, 64], seed=2)
         details = _quantize(model, "quantize.mixed", feeds, group_size=32, average_bits=average, method="rtn").details
-        totals.append(details["allocation"]["sum_rel_sq_error"])
+        totals.append(details["allocation"]["sum_error"])
     assert totals == sorted(totals, reverse=True)
     assert totals[-1] < 1e-3  # everything at 8 bits
 
@@ -159,6 +187,7 @@ def test_bias_correction_removes_the_mean_output_error(name: str, fmt: str, gemm
         ({"candidate_bits": []}, "at least one width"),
         ({"average_bits": 1.5}, "below the smallest candidate"),
         ({"group_size": 0}, "2-bit MatMulNBits needs block_size <= 256"),
+        ({"sensitivity_batches": 0}, "sensitivity_batches must be >= 1"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:
