@@ -3,8 +3,9 @@
 A compiled variant is reused only if the source model, the recipe (passes, options, target, tolerance), the
 calibration data and kiln itself are unchanged. "kiln itself" is its version plus a digest of the sources that
 shape that recipe's output: the modules of its passes and every kiln.passes module they import, the compile core
-and the targets. In a checkout under development the version string alone does not change when a pass does, and
-a digest of all of kiln would recompile every variant whenever any pass anywhere changed. Baselines are keyed by
+and the package of the recipe's target. In a checkout under development the version string alone does not change
+when a pass does, and a digest of all of kiln would recompile every variant whenever any pass or target anywhere
+changed. Baselines are keyed by
 the ONNX Runtime version instead. Entries are built in a temporary directory beside their final place and renamed
 into it, so a directory at the final path is always complete.
 """
@@ -35,7 +36,8 @@ _CORE_SOURCES = (
     "compiler/io.py",
     "compiler/calibration.py",
     "passes/_base.py",
-    "targets",
+    "targets/base.py",
+    "targets/feeds.py",
 )
 
 
@@ -77,10 +79,11 @@ def _kiln_imports(path: Path, package: Path) -> set[Path]:
     return found
 
 
-def kiln_fingerprint(pass_modules: Iterable[str]) -> str:
-    """kiln's version plus a digest of the sources that shape the output of passes from ``pass_modules``."""
+def kiln_fingerprint(pass_modules: Iterable[str], target_module: str) -> str:
+    """kiln's version plus a digest of the sources that shape the output of passes from ``pass_modules`` built by
+    the target class defined in ``target_module`` (its whole package: ``kiln.targets.ort`` for ``ort-cpu``)."""
     package = Path(kiln.__file__).parent
-    files: set[Path] = set()
+    files: set[Path] = set(Path(sys.modules[target_module].__file__ or "").parent.rglob("*.py"))
     todo = [Path(sys.modules[name].__file__ or "") for name in pass_modules]
     while todo:
         path = todo.pop()

@@ -321,8 +321,11 @@ def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOption
         cache.model_fingerprint(subject.path),
         repr(recipe.passes),
         recipe.target,
+        dict(recipe.target_options),
         dataclasses.asdict(recipe.tolerance),
-        cache.kiln_fingerprint(registry.get(step.name).__module__ for step in recipe.passes),
+        cache.kiln_fingerprint(
+            (registry.get(step.name).__module__ for step in recipe.passes), type(targets.get(recipe.target)).__module__
+        ),
         cache.feeds_digest(subject.calib_feeds) if recipe.needs_calibration else None,
     )
     out_dir = cache.bench_root() / "kiln" / f"{subject.slug}-{recipe.name}-{recipe.target}-{key}"
