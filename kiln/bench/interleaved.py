@@ -4,33 +4,18 @@ This is :func:`kiln.compiler.timing.compare_latency` generalised to any runner (
 Runtime, models held in memory) and with a repeat count that fits a time budget. The machines are shared and
 noisy, so every model runs once per round, the starting model rotating from round to round, and a burst of
 background load hits all of them alike instead of skewing one.
-
-Sessions are created with ``session.intra_op.allow_spinning = 0``: by default ONNX Runtime's pool threads keep
-spinning for a while after a run, and with many sessions taking turns on 2 cores the spinning threads of the
-previous session would steal time from the one being measured.
+Sessions get :func:`kiln.compiler.timing.session_settings` (pinned threads, no spinning).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 from rich.progress import Progress
 
 from kiln.compiler.timing import Latency
-
-#: Session config entries of every session the benchmark times.
-TIMING_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
-
-
-def session_settings(threads: int, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``settings`` (as in ``session.json``) with the thread count pinned and spinning turned off."""
-    merged = dict(settings or {})
-    merged["intra_op_num_threads"] = threads
-    merged["session_config"] = {**merged.get("session_config", {}), **TIMING_SESSION_CONFIG}
-    return merged
 
 
 def repeats_for_budget(round_seconds: float, budget_s: float, min_repeats: int, max_repeats: int) -> int:

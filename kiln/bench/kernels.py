@@ -33,8 +33,9 @@ from rich.progress import Progress
 from kiln import testing
 from kiln.bench import bandwidth as bw
 from kiln.bench.baselines import LUT_SESSION_CONFIG, nbits_module
-from kiln.bench.interleaved import TIMING_SESSION_CONFIG, time_interleaved
+from kiln.bench.interleaved import time_interleaved
 from kiln.compiler.pipeline import Pipeline
+from kiln.compiler.timing import TIMING_SESSION_CONFIG
 from kiln.passes import create
 
 #: GEMV shapes (K, N): a square 4096 matrix and the four SmolLM2-135M shapes.

@@ -31,12 +31,12 @@ from rich.progress import Progress
 
 from kiln import targets, zoo
 from kiln.bench import baselines, cache
-from kiln.bench.interleaved import session_settings, time_interleaved
+from kiln.bench.interleaved import time_interleaved
 from kiln.compiler import io, recipes, registry
 from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.compile import compile_model, load_report
 from kiln.compiler.metrics import Metric, MetricResult
-from kiln.compiler.timing import Latency
+from kiln.compiler.timing import Latency, session_settings
 from kiln.compiler.verify import OutputStats, Tolerance, random_feeds
 from kiln.errors import KilnError
 from kiln.targets.base import Feed, Runner

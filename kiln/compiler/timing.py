@@ -3,6 +3,11 @@
 The machines kiln runs on are shared and noisy, so models are timed round-robin in one process (model A, B, C,
 A, B, C, ...) after a warm-up, with the same thread count, and summarised by median and 90th percentile: a
 background burst then hits every model alike instead of skewing one of them.
+
+Sessions are created with ``session.intra_op.allow_spinning = 0``: by default ONNX Runtime's pool threads keep
+spinning for a while after a run, and with several sessions taking turns on 2 cores the spinning threads of the
+previous session would steal time from the one being measured (on this machine that made an interleaved 1.8 ms
+model measure 3-18 ms).
 """
 
 from __future__ import annotations
@@ -11,11 +16,23 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kiln.targets.base import Feed
 from kiln.targets.ort.runner import make_session
+
+#: Session config entries of every session kiln times.
+TIMING_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
+
+
+def session_settings(threads: int, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``settings`` (as in ``session.json``) with the thread count pinned and spinning turned off."""
+    merged = dict(settings or {})
+    merged["intra_op_num_threads"] = threads
+    merged["session_config"] = {**merged.get("session_config", {}), **TIMING_SESSION_CONFIG}
+    return merged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +48,7 @@ def compare_latency(
     models: Mapping[str, str | Path], feed: Feed, *, repeats: int = 30, warmup: int = 3, threads: int = 2
 ) -> dict[str, Latency]:
     """Time every model on ``feed``, interleaved, and return its :class:`Latency` by key."""
-    sessions = {key: make_session(path, threads=threads) for key, path in models.items()}
+    sessions = {key: make_session(path, settings=session_settings(threads)) for key, path in models.items()}
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(warmup):
         for session in sessions.values():
