@@ -217,7 +217,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
 
     def dq_opset(self) -> int:
         """The default-domain opset format 'dq' needs for the bit widths this pass may emit."""
-        return pack.DQ_MIN_OPSET[self.options.bits]
+        return pack.dq_min_opset(self.options.bits)
 
     def prepare(self, model: ir.Model, groups: list[Group]) -> None:
         """Hook run once statistics are available and before weights are rewritten."""

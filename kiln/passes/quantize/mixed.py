@@ -163,7 +163,7 @@ def _scale_to_model(ratios: np.ndarray, measured: list[float | None]) -> np.ndar
 class MixedOptions(GPTQOptions):
     """Options of ``quantize.mixed``, on top of ``quantize.gptq``'s (``bits`` is the width of uncalibrated layers).
 
-    * ``candidate_bits``: widths each layer may get; each must be emittable in ``format`` (2, 4, 8).
+    * ``candidate_bits``: widths each layer may get: 2, 4 or 8, the widths that are stored as such.
     * ``average_bits``: the budget, in code bits per weight element over the calibrated layers.
     * ``method``: how each width quantizes, "gptq" or "rtn".
     * ``max_states``: budget steps of the knapsack before costs are rounded (module docstring).
@@ -184,6 +184,11 @@ class MixedOptions(GPTQOptions):
             raise ValueError("candidate_bits must name at least one width")
         for bits in self.candidate_bits:
             RTNOptions(bits, self.group_size, self.symmetric, self.format, self.accuracy_level)
+            if bits not in pack.STORAGE_BITS:
+                raise ValueError(
+                    f"candidate_bits may hold 2, 4 and 8, got {bits}: a {bits}-bit grid is stored in "
+                    f"{pack.storage_bits(bits)} bits, so under a size budget it costs as much as that width"
+                )
         if self.format == "matmulnbits" and 2 in self.candidate_bits and self.group_size == 0:
             raise ValueError("2-bit MatMulNBits needs block_size <= 256: use a group_size with candidate 2")
         if self.average_bits < min(self.candidate_bits):
@@ -206,7 +211,7 @@ class MixedPrecision(GPTQ):
     Options = MixedOptions
 
     def dq_opset(self) -> int:
-        return max(pack.DQ_MIN_OPSET[bits] for bits in {*self.options.candidate_bits, self.options.bits})
+        return max(pack.dq_min_opset(bits) for bits in {*self.options.candidate_bits, self.options.bits})
 
     def _spec(self, bits: int) -> grid.GridSpec:
         return grid.GridSpec(bits, self.options.group_size, self.options.symmetric)

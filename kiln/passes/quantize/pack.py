@@ -15,16 +15,23 @@
       default, and omitting it keeps the model loadable by execution providers that do not know the attribute).
 
     What ONNX Runtime 1.32's CPU kernel accepts and runs (probed): ``bits`` 2, 4 or 8 (3, 5, 6, 7 are refused
-    at session creation, although the schema says 2..8); ``block_size`` a power of two >= 16, and at most 256
-    for 2 bits; uint8 zero points for every width (float zero points are refused for 8 bits, so kiln never
-    emits them). Per-channel (``group_size=0``) uses one block of ``max(16, next_pow2(K))`` rows.
+    at session creation, although the schema says 2..8; see "Storage width" below); ``block_size`` a power of two
+    >= 16, and at most 256 for 2 bits; uint8 zero points for every width (float zero points are refused for 8
+    bits, so kiln never emits them). Per-channel (``group_size=0``) uses one block of ``max(16, next_pow2(K))`` rows.
 
 (b) ONNX ``DequantizeLinear(x, scale[, zero_point])`` of an integer initializer ``x`` [K, N], followed by the
     original ``MatMul``. ``x`` is INT8/UINT8 (opset 21), INT4/UINT4 (opset 21) or INT2/UINT2 (opset 25), signed
     when symmetric (no zero point), unsigned with a zero point of the same type otherwise. Several groups
     along K use blocked quantization (``axis=0``, ``block_size=group_size``, scale ``[n_groups, N]``); a single
     group (per-channel, or ``group_size >= K``) uses per-axis quantization (``axis=1``, scale ``[N]``), which
-    more runtimes support. ONNX has no 3, 5, 6 or 7-bit integer types, so those widths are refused.
+    more runtimes support.
+
+Storage width. Neither format has 3, 5, 6 or 7-bit storage (ONNX has no such integer types; ONNX Runtime's kernel
+refuses those ``bits``), so a weight on a b-bit grid is stored in the next width that exists, ``storage_bits(b)``
+(3 -> 4, 5..7 -> 8), unchanged: an unsigned code and its zero point are the same numbers in the wider type, and a
+symmetric code q is stored as ``q + 2^(w-1)`` for the storage width w, which the op's default zero point
+``2^(w-1)`` undoes. The model computes exactly the b-bit grid's weights, at the w-bit size: a "W3" model is as
+accurate as W3 and as large as W4.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ import onnx_ir as ir
 
 from kiln.passes.quantize.grid import QuantizedWeight
 
-#: Bit widths ONNX Runtime 1.32's CPU MatMulNBits kernel runs.
-MATMULNBITS_BITS = (2, 4, 8)
+#: Bit widths ONNX Runtime 1.32's CPU MatMulNBits kernel runs, and the integer widths ONNX's DequantizeLinear takes.
+STORAGE_BITS = (2, 4, 8)
 #: ONNX Runtime 1.32 refuses 2-bit MatMulNBits with a larger block.
 MATMULNBITS_MAX_2BIT_BLOCK = 256
 
@@ -49,8 +56,17 @@ _DQ_TYPES = {
     (8, True): ir.DataType.INT8,
     (8, False): ir.DataType.UINT8,
 }
-#: The first default-domain opset whose DequantizeLinear takes the integer type of each bit width.
-DQ_MIN_OPSET = {2: 25, 4: 21, 8: 21}
+_DQ_MIN_OPSET = {2: 25, 4: 21, 8: 21}
+
+
+def storage_bits(bits: int) -> int:
+    """The narrowest stored width that holds a ``bits``-wide grid (module docstring)."""
+    return next(width for width in STORAGE_BITS if width >= bits)
+
+
+def dq_min_opset(bits: int) -> int:
+    """The first default-domain opset whose DequantizeLinear takes the storage type of a ``bits``-wide grid."""
+    return _DQ_MIN_OPSET[storage_bits(bits)]
 
 
 def pack_bits(values: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
@@ -95,14 +111,12 @@ def matmulnbits_block_size(k: int, group_size: int) -> int:
 
 
 def check_matmulnbits(bits: int, block_size: int) -> None:
-    """Raise ValueError unless ONNX Runtime 1.32's MatMulNBits runs this bit width and block size."""
-    if bits not in MATMULNBITS_BITS:
-        raise ValueError(
-            f"MatMulNBits in ONNX Runtime 1.32 runs only bits 2, 4 and 8 (its kernel refuses the others); got {bits}"
-        )
+    """Raise ValueError unless ONNX Runtime 1.32's MatMulNBits runs a ``bits``-wide grid with this block size."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"MatMulNBits holds grids of 2 to 8 bits; got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
-    if bits == 2 and block_size > MATMULNBITS_MAX_2BIT_BLOCK:
+    if storage_bits(bits) == 2 and block_size > MATMULNBITS_MAX_2BIT_BLOCK:
         raise ValueError(
             f"2-bit MatMulNBits block_size must be at most {MATMULNBITS_MAX_2BIT_BLOCK} "
             f"(ONNX Runtime 1.32 refuses larger blocks), got {block_size}"
@@ -127,9 +141,10 @@ class MatMulNBitsWeights:
 def to_matmulnbits(q: QuantizedWeight, accuracy_level: int = 0) -> MatMulNBitsWeights:
     """Pack a quantized ``[K, N]`` weight for MatMulNBits; ValueError if ONNX Runtime cannot run the result."""
     spec = q.spec
-    bits, k, n = spec.bits, q.k, q.n
+    k, n = q.k, q.n
     block = matmulnbits_block_size(k, spec.group_size)
-    check_matmulnbits(bits, block)
+    check_matmulnbits(spec.bits, block)
+    bits = storage_bits(spec.bits)
     if not 0 <= accuracy_level <= 4:
         raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level}")
     n_blocks = q.scales.shape[0]
@@ -170,20 +185,11 @@ def _integer_tensor(values: np.ndarray, dtype: ir.DataType) -> ir.TensorProtocol
     return ir.PackedTensor(pack_bits(values.reshape(-1), dtype.bitwidth), dtype, shape=values.shape)
 
 
-def check_dequantize_linear(bits: int) -> None:
-    """Raise ValueError unless ONNX has an integer type of this width for DequantizeLinear."""
-    if bits not in DQ_MIN_OPSET:
-        raise ValueError(
-            f"format 'dq' needs an ONNX integer type of {bits} bits; ONNX has INT8/UINT8 and INT4/UINT4 "
-            f"(opset 21) and INT2/UINT2 (opset 25), none of 3, 5, 6 or 7 bits"
-        )
-
-
 def to_dequantize_linear(q: QuantizedWeight) -> DequantizeLinearWeights:
     """Build the ``DequantizeLinear`` inputs of a quantized ``[K, N]`` weight."""
     spec = q.spec
-    check_dequantize_linear(spec.bits)
-    dtype = _DQ_TYPES[spec.bits, spec.symmetric]
+    width = storage_bits(spec.bits)
+    dtype = _DQ_TYPES[width, spec.symmetric]
     x = _integer_tensor(q.codes, dtype)
     if q.scales.shape[0] == 1:
         attributes = {"axis": 1}
@@ -194,5 +200,5 @@ def to_dequantize_linear(q: QuantizedWeight) -> DequantizeLinearWeights:
         scale = q.scales
         zp = q.zero_points
     zero_point = None if zp is None else _integer_tensor(zp, dtype)
-    nbytes = -(-q.codes.size * spec.bits // 8) + scale.nbytes + (0 if zp is None else -(-zp.size * spec.bits // 8))
-    return DequantizeLinearWeights(x, scale, zero_point, attributes, DQ_MIN_OPSET[spec.bits], nbytes)
+    nbytes = -(-q.codes.size * width // 8) + scale.nbytes + (0 if zp is None else -(-zp.size * width // 8))
+    return DequantizeLinearWeights(x, scale, zero_point, attributes, _DQ_MIN_OPSET[width], nbytes)

@@ -74,7 +74,8 @@ _MIN_K = 16
 class RTNOptions:
     """Options of ``quantize.rtn`` (and the base of the AWQ/GPTQ options).
 
-    * ``bits``: 2..8 for the grid; "matmulnbits" runs 2, 4, 8 and "dq" has types for 2, 4, 8.
+    * ``bits``: 2..8 for the grid; both formats store 2, 4 or 8 bits per code, a 3-bit grid in 4 bits and 5..7 in
+      8 (:func:`kiln.passes.quantize.pack.storage_bits`).
     * ``group_size``: rows of K per scale; 0 means per-channel (one group spanning all of K). For "matmulnbits"
       it is the op's ``block_size``: a power of two >= 16 (<= 256 for 2 bits).
     * ``symmetric``: signed codes without zero point, else unsigned codes with a zero point per group.
@@ -99,17 +100,12 @@ class RTNOptions:
     def __post_init__(self) -> None:
         grid.GridSpec(self.bits, self.group_size, self.symmetric)  # validates bits and group_size
         if self.format == "matmulnbits":
-            if self.bits not in pack.MATMULNBITS_BITS:
-                raise ValueError(
-                    f"bits={self.bits} with format='matmulnbits': ONNX Runtime 1.32's MatMulNBits runs only "
-                    "2, 4 and 8 bits"
-                )
             if self.group_size and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
                 raise ValueError(
                     f"group_size={self.group_size} with format='matmulnbits': it becomes MatMulNBits' block_size, "
                     "which must be a power of two >= 16 (or use 0 for per-channel)"
                 )
-            if self.bits == 2 and self.group_size > pack.MATMULNBITS_MAX_2BIT_BLOCK:
+            if pack.storage_bits(self.bits) == 2 and self.group_size > pack.MATMULNBITS_MAX_2BIT_BLOCK:
                 raise ValueError(
                     f"group_size={self.group_size} with bits=2: ONNX Runtime 1.32 runs 2-bit MatMulNBits only "
                     f"with block_size <= {pack.MATMULNBITS_MAX_2BIT_BLOCK}"
@@ -117,7 +113,6 @@ class RTNOptions:
             if not 0 <= self.accuracy_level <= 4:
                 raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
         elif self.format == "dq":
-            pack.check_dequantize_linear(self.bits)
             if self.accuracy_level:
                 raise ValueError("accuracy_level applies only to format='matmulnbits'")
         else:
@@ -186,7 +181,7 @@ class WeightOnlyRTN(KilnPass):
         if not sites:
             return ir.passes.PassResult(model, modified=False)
         if opts.format == "dq":
-            if self._ensure_opset(model, pack.DQ_MIN_OPSET[opts.bits]):
+            if self._ensure_opset(model, pack.dq_min_opset(opts.bits)):
                 sites = self._find_sites(model)  # the converter may have rebuilt nodes
         else:
             model.opset_imports.setdefault("com.microsoft", 1)

@@ -174,7 +174,6 @@ def test_matmul_inside_a_subgraph_is_quantized_without_a_branch() -> None:
         ({"rank": 0}, "rank must be >= 1"),
         ({"bias_correction": True}, "both correct the quantization error"),
         ({"allocation": "greedy"}, "must be one of"),
-        ({"bits": 3}, "runs only 2, 4 and 8 bits"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:

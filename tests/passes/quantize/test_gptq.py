@@ -267,7 +267,6 @@ def test_needs_calibration() -> None:
     [
         ({"damp": 0.0}, "damp must be positive"),
         ({"block_size": 0}, "block_size must be >= 1"),
-        ({"bits": 3}, "runs only 2, 4 and 8 bits"),
         ({"stats_memory_mb": 0}, "stats_memory_mb must be positive"),
     ],
 )

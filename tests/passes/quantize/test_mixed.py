@@ -182,8 +182,8 @@ def test_bias_correction_removes_the_mean_output_error(name: str, fmt: str, gemm
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"candidate_bits": [3, 4]}, "runs only 2, 4 and 8 bits"),
-        ({"candidate_bits": [3, 4], "format": "dq"}, "none of 3, 5, 6 or 7 bits"),
+        ({"candidate_bits": [3, 4]}, "a 3-bit grid is stored in 4 bits"),
+        ({"candidate_bits": [4, 6], "format": "dq"}, "a 6-bit grid is stored in 8 bits"),
         ({"candidate_bits": []}, "at least one width"),
         ({"average_bits": 1.5}, "below the smallest candidate"),
         ({"group_size": 0}, "2-bit MatMulNBits needs block_size <= 256"),

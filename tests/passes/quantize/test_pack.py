@@ -108,7 +108,7 @@ def test_accuracy_level_attribute_only_when_set() -> None:
 @pytest.mark.parametrize(
     ("bits", "block", "message"),
     [
-        (3, 32, "runs only bits 2, 4 and 8"),
+        (9, 32, "grids of 2 to 8 bits; got 9"),
         (4, 24, "power of two >= 16, got 24"),
         (4, 8, "power of two >= 16, got 8"),
         (2, 512, "at most 256"),
@@ -117,6 +117,12 @@ def test_accuracy_level_attribute_only_when_set() -> None:
 def test_check_matmulnbits_refuses(bits: int, block: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         pack.check_matmulnbits(bits, block)
+
+
+def test_a_3_bit_grid_is_stored_in_4_bits() -> None:
+    pack.check_matmulnbits(3, 512)  # the 2-bit block limit does not apply
+    assert [pack.storage_bits(b) for b in range(2, 9)] == [2, 4, 4, 8, 8, 8, 8]
+    assert [pack.dq_min_opset(b) for b in (2, 3, 8)] == [25, 21, 21]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -179,6 +185,9 @@ def test_onnxruntime_kernel_computes_a_times_dequantized(bits: int, symmetric: b
         (8, True, ir.DataType.INT8, 21),
         (2, False, ir.DataType.UINT2, 25),
         (2, True, ir.DataType.INT2, 25),
+        (3, False, ir.DataType.UINT4, 21),  # stored in the next width ONNX has
+        (3, True, ir.DataType.INT4, 21),
+        (6, True, ir.DataType.INT8, 21),
     ],
 )
 @pytest.mark.parametrize(("k", "group_size"), [(70, 16), (64, 0)])
@@ -202,7 +211,8 @@ def test_dequantize_linear_weights(
     if not symmetric:
         assert dq.zero_point.dtype == dtype
         np.testing.assert_array_equal(dq.zero_point.numpy().astype(np.int16), q.zero_points.reshape(dq.scale.shape))
-    assert dq.nbytes == -(-k * n * bits // 8) + dq.scale.nbytes + (0 if symmetric else -(-dq.scale.size * bits // 8))
+    width = dtype.bitwidth
+    assert dq.nbytes == -(-k * n * width // 8) + dq.scale.nbytes + (0 if symmetric else -(-dq.scale.size * width // 8))
 
     # ONNX Runtime's DequantizeLinear reproduces grid.dequantize exactly.
     inits = [ir.serde.serialize_tensor(dq.x), numpy_helper.from_array(dq.scale, "scale")]
@@ -223,10 +233,3 @@ def test_dequantize_linear_weights(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     (y,) = _session(model).run(None, {})
     np.testing.assert_array_equal(y, grid.dequantize(q))
-
-
-@pytest.mark.parametrize("bits", [3, 5, 6, 7])
-def test_dequantize_linear_refuses_widths_onnx_lacks(bits: int) -> None:
-    q = grid.quantize(np.ones((32, 2), np.float32), GridSpec(bits, 16, False))
-    with pytest.raises(ValueError, match=f"needs an ONNX integer type of {bits} bits"):
-        pack.to_dequantize_linear(q)
