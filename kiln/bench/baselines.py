@@ -44,6 +44,7 @@ import onnx
 import onnxruntime as ort
 
 from kiln.bench import cache
+from kiln.bench.memory import PeakMemory
 from kiln.errors import KilnError
 
 KINDS = ("ort-fp32", "ort-dynamic", "ort-static", "ort-nbits", "ort-gptq")
@@ -226,11 +227,12 @@ def build(
         # GPTQ prints a progress bar per layer; quantize_static logs advice on the root logger every time.
         logging.disable(logging.WARNING)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), PeakMemory() as peak:
                 _quantize(baseline, model_path, directory / MODEL_FILE, calibration)
         finally:
             logging.disable(logging.NOTSET)
-        (directory / BUILD_FILE).write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
+        record = {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak.bytes}
+        (directory / BUILD_FILE).write_text(json.dumps(record) + "\n")
 
     out = cache.build_once(cache_dir(baseline, model_path, calibration, slug), make) / MODEL_FILE
     if _op_types(out) == _op_types(model_path):
@@ -238,10 +240,11 @@ def build(
     return out
 
 
-def build_seconds(model_file: Path) -> float | None:
-    """How long the baseline at ``model_file`` took to build (None for the original model)."""
+def build_record(model_file: Path) -> dict[str, Any]:
+    """What was recorded when the variant at ``model_file`` was built: ``seconds`` (baselines) and
+    ``peak_rss_bytes``; empty for the original model and for entries cached before the record existed."""
     record = model_file.parent / BUILD_FILE
-    return json.loads(record.read_text())["seconds"] if record.is_file() else None
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def _op_types(model_file: Path) -> collections.Counter[str]:

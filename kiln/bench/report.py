@@ -22,7 +22,19 @@ from kiln.bench.kernels import KernelRow
 from kiln.bench.runner import BenchResult
 
 #: Columns of a result table; "metric" is shown under the metric's own name.
-RESULT_COLUMNS = ("variant", "bytes", "smaller", "median ms", "p90 ms", "speed-up", "metric", "vs fp32", "tolerance")
+RESULT_COLUMNS = (
+    "variant",
+    "bytes",
+    "smaller",
+    "median ms",
+    "p90 ms",
+    "speed-up",
+    "metric",
+    "vs fp32",
+    "tolerance",
+    "build s",
+    "build peak RSS",
+)
 KERNEL_COLUMNS = (
     "shape K x N",
     "format",
@@ -87,6 +99,8 @@ def result_cells(result: BenchResult) -> list[list[str]]:
                 _metric_text(result.metric, row.metric.candidate),
                 change,
                 tolerance,
+                "" if row.build_seconds is None else f"{row.build_seconds:.0f}",
+                "" if row.build_peak_bytes is None else human_bytes(row.build_peak_bytes),
             ]
         )
     return cells

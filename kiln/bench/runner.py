@@ -32,6 +32,7 @@ from rich.progress import Progress
 from kiln import targets, zoo
 from kiln.bench import baselines, cache
 from kiln.bench.interleaved import time_interleaved
+from kiln.bench.memory import PeakMemory
 from kiln.compiler import io, recipes, registry
 from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.compile import compile_model, load_report
@@ -207,6 +208,8 @@ class Row:
     metric: MetricResult
     within_tolerance: bool | None = None
     build_seconds: float | None = None
+    #: Peak resident memory of the process while it built the variant (kiln.bench.memory), when recorded.
+    build_peak_bytes: int | None = None
     path: str = ""
 
     def to_dict(self, reference: Row) -> dict[str, Any]:
@@ -223,6 +226,7 @@ class Row:
             "metric_change_vs_fp32": self.metric.relative_change,
             "within_tolerance": self.within_tolerance,
             "build_seconds": self.build_seconds,
+            "build_peak_bytes": self.build_peak_bytes,
             "path": self.path,
         }
 
@@ -274,6 +278,7 @@ ROW_KEYS = (
     "metric_change_vs_fp32",
     "within_tolerance",
     "build_seconds",
+    "build_peak_bytes",
     "path",
 )
 
@@ -287,6 +292,7 @@ class _Entry:
     open: Callable[[], Runner]
     tolerance: Tolerance | None = None
     build_seconds: float | None = None
+    build_peak_bytes: int | None = None
 
 
 def within_tolerance(tolerance: Tolerance, result: MetricResult) -> bool:
@@ -330,15 +336,17 @@ def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOption
     )
     out_dir = cache.bench_root() / "kiln" / f"{subject.slug}-{recipe.name}-{recipe.target}-{key}"
     if not (out_dir / "report.json").is_file():
-        compile_model(
-            subject.path,
-            out_dir,
-            recipe,
-            calibration=CalibrationData(subject.calib_feeds, name="bench") if recipe.needs_calibration else None,
-            overwrite=True,
-            accept_out_of_tolerance=True,
-            verify_limit=1 if options.quick else None,
-        )
+        with PeakMemory() as peak:
+            compile_model(
+                subject.path,
+                out_dir,
+                recipe,
+                calibration=CalibrationData(subject.calib_feeds, name="bench") if recipe.needs_calibration else None,
+                overwrite=True,
+                accept_out_of_tolerance=True,
+                verify_limit=1 if options.quick else None,
+            )
+        (out_dir / baselines.BUILD_FILE).write_text(json.dumps({"peak_rss_bytes": peak.bytes}) + "\n")
     return out_dir
 
 
@@ -370,6 +378,7 @@ def _kiln_entries(
                     open=lambda d=out_dir: _compiled_runner(d, options.threads),
                     tolerance=variant.tolerance,
                     build_seconds=report["seconds"],
+                    build_peak_bytes=baselines.build_record(out_dir / "model.onnx").get("peak_rss_bytes"),
                 )
             )
     return entries, settings, skipped
@@ -400,7 +409,8 @@ def _baseline_entries(
                 open=lambda f=model_file, c=baseline.session_config: _ort_runner(
                     f, options.threads, {"session_config": c}
                 ),
-                build_seconds=baselines.build_seconds(model_file),
+                build_seconds=baselines.build_record(model_file).get("seconds"),
+                build_peak_bytes=baselines.build_record(model_file).get("peak_rss_bytes"),
             )
         )
     return entries, skipped
@@ -517,6 +527,7 @@ def run_bench(spec: str | Path, options: BenchOptions | None = None, progress: P
                 metric=metric,
                 within_tolerance=within_tolerance(entry.tolerance, metric) if entry.tolerance else None,
                 build_seconds=entry.build_seconds,
+                build_peak_bytes=entry.build_peak_bytes,
                 path=str(entry.model_file),
             )
         )

@@ -63,6 +63,9 @@ def test_cli_bench_table_json_and_plot(capsys, mlp_path: Path, tmp_path: Path):
     assert by_name["kiln rtn-w4"]["bytes"] < by_name["kiln rtn-w8"]["bytes"] < fp32["bytes"]
     assert by_name["kiln rtn-w4"]["within_tolerance"] in (True, False)
     assert by_name["ort-dynamic"]["within_tolerance"] is None
+    assert fp32["build_peak_bytes"] is None and fp32["build_seconds"] is None
+    for name in ("kiln rtn-w4", "ort-dynamic"):  # peak memory of each build, at least the process's own size
+        assert 20 * 2**20 < by_name[name]["build_peak_bytes"] < 16 * 2**30
     assert all(0.9 < row["metric"] <= 1.0 + 1e-9 for row in data["rows"])
     assert data["protocol"]["repeats"] == 2 and data["protocol"]["threads"] == 2
     assert data["protocol"]["control_median_ms"] > 0  # the second fp32 session timed alongside, not a row
