@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -166,6 +167,24 @@ only when K % 32, N % 128 and K % block_size are all 0 (measured); otherwise a g
 slower runs, which the note column flags."""
 
 
+SCALE_TEXT = """\
+`python tools/scale_bench.py` writes a synthetic Llama-shaped decoder with 7 GB of fp32 weights in external data,
+then a child process loads it with `kiln.load` (weights memory-mapped), quantizes every MatMul to 4 bits (RTN,
+groups of 128, MatMulNBits) with `kiln.Pipeline` and saves it with `kiln.save`; the peak is that child's own
+`ru_maxrss`. A second child runs the W4 output once in ONNX Runtime. The per-recipe peaks for the zoo models are the
+"build peak RSS" column of their tables (the benchmark process's resident memory while it compiled that variant,
+which includes the process's own baseline of a few hundred MB)."""
+
+
+def _scale_table() -> str:
+    """The Markdown table of tools/scale_bench.py, or why it could not run."""
+    script = REPO / "tools" / "scale_bench.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if done.returncode:
+        return f"Not measured: `tools/scale_bench.py` failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+    return done.stdout.strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -179,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kernel-footprint", type=float, help="weights per kernel run, in last-level caches (default 3; quick 2)"
     )
     parser.add_argument("--no-kernels", action="store_true", help="skip the GEMV micro-benchmark")
+    parser.add_argument(
+        "--no-scale", action="store_true", help="skip the 7 GB model of tools/scale_bench.py (never run in --quick)"
+    )
     parser.add_argument("--note", help="a sentence for the header, e.g. what else ran on the machine")
     args = parser.parse_args(argv)
 
@@ -223,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[spec] = result
             plots[spec] = plot_tradeoffs(result, out_dir / f"bench-{_slug(spec)}.png")
             report.print_wide(err, report.result_table(result))
+        scale = None
+        if not (args.quick or args.no_scale):
+            task = progress.add_task("scale: a 7 GB Llama-shaped model to W4 (tools/scale_bench.py)", total=None)
+            scale = _scale_table()
+            progress.remove_task(task)
     info = report.machine(bandwidth)
     minutes = (time.perf_counter() - start) / 60
     load_after = os.getloadavg()
@@ -263,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + report.kernel_markdown(kernel_rows)
         )
     sections += [_section(spec, results[spec], plots[spec], out_dir) for spec in models]
+    if scale is not None:
+        sections.append("## Scale: a model larger than the memory budget\n\n" + SCALE_TEXT + "\n\n" + scale)
     document = out_dir / "BENCHMARKS.md"
     document.write_text("\n\n".join(s.rstrip("\n") for s in sections) + "\n")
     err.print(f"wrote {document} in {minutes:.1f} min")
