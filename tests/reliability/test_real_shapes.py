@@ -221,13 +221,7 @@ def pass_options(name: str) -> dict[str, int]:
 
 
 #: Bugs found here in passes owned by others, (graph, pass) -> what goes wrong; strict, so a fix is noticed.
-KNOWN_BUGS = {
-    ("mixed-dtypes", "quantize.awq"): (
-        "kiln/passes/quantize/awq.py:181 picks the inserted Mul's scale dtype from a.dtype, which is None for an "
-        "unannotated float16 activation, so it inserts a float32 scale: ORT 'Type parameter (T) of Optype (Mul) "
-        "bound to different types (tensor(float16) and tensor(float))'; the pipeline's non-strict check misses it"
-    ),
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 PASS_CASES = [
     pytest.param(graph, name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[graph, name])])
     if (graph, name) in KNOWN_BUGS

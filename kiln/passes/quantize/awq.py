@@ -184,7 +184,9 @@ def apply_fold(
             fold.node.replace_input_with(index, new)
             _weights.remove_if_unused(old)
     elif fold.kind == "mul":
-        dtype = np.float16 if a.dtype == ir.DataType.FLOAT16 else np.float32
+        # ``a`` may carry no type (an unannotated intermediate); MatMul's inputs share one type, so its weight's.
+        known = [a.dtype, *(node.inputs[1].dtype for node in consumers if len(node.inputs) > 1 and node.inputs[1])]
+        dtype = np.float16 if next((t for t in known if t is not None), None) == ir.DataType.FLOAT16 else np.float32
         factor = _weights.add_initializer(graph, names.fresh(f"{a.name}_awq_inverse_scale"), inverse.astype(dtype))
         mul = ir.node("Mul", [a, factor], name=names.fresh(f"{a.name}_awq_scale"))
         scaled = mul.outputs[0]
