@@ -19,6 +19,7 @@ from rich.table import Table
 import kiln
 from kiln.bench.bandwidth import Bandwidth, llc_bytes
 from kiln.bench.kernels import KernelRow
+from kiln.bench.ort_artifacts import MobileRow, SettingsRow
 from kiln.bench.runner import BenchResult
 
 #: Columns of a result table; "metric" is shown under the metric's own name.
@@ -239,3 +240,40 @@ def machine_markdown(info: dict[str, Any]) -> str:
         )
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     return "\n".join(lines)
+
+
+def settings_markdown(rows: Sequence[SettingsRow]) -> str:
+    """Saved settings vs ONNX Runtime's defaults, one row per variant."""
+    cells = [
+        [
+            r.variant,
+            _ms(r.saved.median_ms),
+            _ms(r.default.median_ms),
+            f"{r.default.median_ms / r.saved.median_ms:.2f}x",
+            r.differences or "(none: ONNX Runtime's defaults)",
+        ]
+        for r in rows
+    ]
+    columns = ("variant", "saved settings ms", "ORT defaults ms", "defaults / saved", "saved settings that differ")
+    return _markdown(columns, cells, {1, 2, 3})
+
+
+def mobile_markdown(rows: Sequence[MobileRow]) -> str:
+    """``.ort`` vs ``.onnx``: bytes and session creation time, or why the mobile target refused."""
+    cells = []
+    for r in rows:
+        if r.ort_bytes is None or r.ort_load_ms is None:
+            cells.append([r.variant, human_bytes(r.onnx_bytes), "", _ms(r.onnx_load_ms), "", f"refused: {r.refused}"])
+            continue
+        cells.append(
+            [
+                r.variant,
+                human_bytes(r.onnx_bytes),
+                human_bytes(r.ort_bytes),
+                _ms(r.onnx_load_ms),
+                _ms(r.ort_load_ms),
+                f"{r.ort_load_ms / r.onnx_load_ms:.2f}x the .onnx load time",
+            ]
+        )
+    columns = (".onnx variant", ".onnx bytes", ".ort bytes", ".onnx load ms", ".ort load ms", "note")
+    return _markdown(columns, cells, {1, 2, 3, 4})

@@ -244,6 +244,8 @@ class BenchResult:
     protocol: dict[str, Any]
     rows: list[Row]
     skipped: list[dict[str, str]]
+    #: The batch-1 feed every variant was timed on (not part of the JSON form), for follow-up measurements.
+    latency_feed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def reference(self) -> Row:
@@ -555,4 +557,5 @@ def run_bench(spec: str | Path, options: BenchOptions | None = None, progress: P
         protocol=protocol,
         rows=rows,
         skipped=skipped,
+        latency_feed=dict(feed),
     )

@@ -168,3 +168,6 @@ def test_run_all_writes_the_document(mlp_path: Path, tmp_path: Path):
     assert "| 64 x 128 | kiln rtn 4-bit acc4 |" in text
     assert "kiln rtn-w4" in text and "ort-dynamic" in text and "GB/s" in text
     assert (out_dir / "bench-mlp.png").is_file()
+    assert "## ONNX Runtime artifacts" in text
+    assert "| kiln rtn-w4 |" in text.split("## ONNX Runtime artifacts")[1]  # settings and .ort rows
+    assert "x the .onnx load time" in text

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kiln.bench import baselines, kernels, report
+from kiln.bench import baselines, kernels, ort_artifacts, report
 from kiln.bench.bandwidth import measure_bandwidth
 from kiln.bench.cache import bench_root
 from kiln.bench.command import make_progress
@@ -167,6 +167,23 @@ only when K % 32, N % 128 and K % block_size are all 0 (measured); otherwise a g
 slower runs, which the note column flags."""
 
 
+ARTIFACTS_TEXT = """\
+Each `ort-cpu` variant above, timed with the `session.json` kiln saved beside it against the same model with ONNX
+Runtime's default session options (2 threads, no spinning in both; round-robin in pairs, median of at least 5
+rounds): kiln's settings must never make a model slower, so "defaults / saved" should be >= 1.00 within noise. Then
+the same model converted by the `ort-mobile` target: `.ort` bytes, and the median time to create a session from
+each file (3 loads; the `.ort` with the mobile settings, optimizations done at conversion). A variant the mobile
+target refuses shows the reason."""
+
+
+def _artifacts_text(result: BenchResult, budget_s: float) -> str:
+    settings = ort_artifacts.compare_settings(result, budget_s=budget_s)
+    mobile = ort_artifacts.compare_mobile(result)
+    if not settings:
+        return "No ort-cpu variants."
+    return report.settings_markdown(settings) + "\n\n" + report.mobile_markdown(mobile)
+
+
 SCALE_TEXT = """\
 `python tools/scale_bench.py` writes a synthetic Llama-shaped decoder with 7 GB of fp32 weights in external data,
 then a child process loads it with `kiln.load` (weights memory-mapped), quantizes every MatMul to 4 bits (RTN,
@@ -198,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kernel-footprint", type=float, help="weights per kernel run, in last-level caches (default 3; quick 2)"
     )
     parser.add_argument("--no-kernels", action="store_true", help="skip the GEMV micro-benchmark")
+    parser.add_argument(
+        "--no-artifacts", action="store_true", help="skip the saved-settings and .ort comparisons of each variant"
+    )
     parser.add_argument(
         "--no-scale", action="store_true", help="skip the 7 GB model of tools/scale_bench.py (never run in --quick)"
     )
@@ -245,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[spec] = result
             plots[spec] = plot_tradeoffs(result, out_dir / f"bench-{_slug(spec)}.png")
             report.print_wide(err, report.result_table(result))
+        artifacts: dict[str, str] = {}
+        for spec, result in results.items():
+            if args.no_artifacts or isinstance(result, str):
+                continue
+            task = progress.add_task(f"{spec}: saved settings vs defaults, .ort vs .onnx", total=None)
+            artifacts[spec] = _artifacts_text(result, budget_s=2.0 if args.quick else 5.0)
+            progress.remove_task(task)
         scale = None
         if not (args.quick or args.no_scale):
             task = progress.add_task("scale: a 7 GB Llama-shaped model to W4 (tools/scale_bench.py)", total=None)
@@ -290,6 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             + report.kernel_markdown(kernel_rows)
         )
     sections += [_section(spec, results[spec], plots[spec], out_dir) for spec in models]
+    if artifacts:
+        sections.append(
+            "## ONNX Runtime artifacts: saved settings and the .ort form\n\n"
+            + ARTIFACTS_TEXT
+            + "\n\n"
+            + "\n\n".join(f"### {spec}\n\n{text}" for spec, text in artifacts.items())
+        )
     if scale is not None:
         sections.append("## Scale: a model larger than the memory budget\n\n" + SCALE_TEXT + "\n\n" + scale)
     document = out_dir / "BENCHMARKS.md"
