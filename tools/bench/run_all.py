@@ -35,6 +35,21 @@ FULL_MODELS = ("minilm-l6", "efficientnet-lite0", "smollm2-135m", "smollm2-135m/
 #: searches), so quick runs leave it out; ``--models smollm2-135m --quick`` runs it alone.
 QUICK_MODELS = ("minilm-l6", "efficientnet-lite0")
 FULL_BASELINES = (*baselines.DEFAULT_KINDS, "ort-gptq")
+#: The decode graph is SmolLM2 again, one token per run with its KV cache: it is there for the time per token.
+#: Recipes whose per-token cost another row already shows, or whose accuracy only the full graph measures
+#: properly (calibrated on whole sequences), are left out of it unless --recipes names them; so is ONNX
+#: Runtime's GPTQ (42 min per graph here, the same weights as on the full graph).
+DECODE = "smollm2-135m/decode"
+DECODE_SKIPS = {
+    "gptq-w4": "same MatMulNBits format and per-token cost as rtn-w4; its accuracy is in the smollm2-135m table",
+    "gptq-w3": "stored like rtn-w4 (4-bit MatMulNBits), same per-token cost; accuracy in the smollm2-135m table",
+    "gptq-w2": "accuracy in the smollm2-135m table; per-token cost of 2-bit MatMulNBits is in the kernel table",
+    "w4-eora": "accuracy in the smollm2-135m table",
+    "lowrank-svd": "destroys SmolLM2 at this rank (smollm2-135m table)",
+    "lowrank-asvd": "destroys SmolLM2 at this rank (smollm2-135m table)",
+    "int8-static": "accuracy in the smollm2-135m table; same int8 kernels as w8a8-smoothquant",
+    "cleanup": "changes nothing on a graph kiln exported itself",
+}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -62,8 +77,19 @@ def _command_line(argv: Sequence[str]) -> str:
     return " ".join(["python tools/bench/run_all.py", *argv])
 
 
-def _bench_command(spec: str, quick: bool, kinds: Sequence[str], chosen: str | None) -> str:
+def _selection(spec: str, recipe_arg: str | None, kinds: Sequence[str]) -> tuple[list[str] | None, list[str]]:
+    """The recipes (None: every built-in) and baselines benchmarked on ``spec`` (see DECODE_SKIPS)."""
+    if recipe_arg:
+        return recipe_arg.split(","), list(kinds)
+    if spec == DECODE:
+        return [r for r in recipes.builtin_names() if r not in DECODE_SKIPS], [k for k in kinds if k != "ort-gptq"]
+    return None, list(kinds)
+
+
+def _bench_command(spec: str, quick: bool, kinds: Sequence[str], recipe_arg: str | None) -> str:
     name, variant = _split_spec(spec)
+    selected, kinds = _selection(spec, recipe_arg, kinds)
+    chosen = ",".join(selected) if selected else None
     parts = ["kiln bench", name]
     if variant != "full":
         parts.append(f"--variant {variant}")
@@ -253,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for spec in models:
             name, variant = _split_spec(spec)
-            chosen = args.recipes.split(",") if args.recipes else None
-            options = BenchOptions(recipes=chosen, variant=variant, quick=args.quick, baselines=kinds)
+            chosen, model_kinds = _selection(spec, args.recipes, kinds)
+            options = BenchOptions(recipes=chosen, variant=variant, quick=args.quick, baselines=model_kinds)
             err.print(f"[bold]{spec}[/]")
             try:
                 result = run_bench(name, options, progress)
@@ -262,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[spec], plots[spec] = str(e), None
                 err.print(f"  not measured: {e}", markup=False)
                 continue
+            if spec == DECODE and not args.recipes:
+                result.skipped += [
+                    {"name": n, "reason": f"left out of the decode table: {why}"} for n, why in DECODE_SKIPS.items()
+                ]
             results[spec] = result
             plots[spec] = plot_tradeoffs(result, out_dir / f"bench-{_slug(spec)}.png")
             report.print_wide(err, report.result_table(result))
