@@ -34,7 +34,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -209,10 +209,15 @@ def cache_dir(baseline: Baseline, model_path: Path, calibration: Sequence[Mappin
 
 
 def build(
-    baseline: Baseline, model_path: Path, calibration: Sequence[Mapping[str, np.ndarray]], slug: str = "model"
+    baseline: Baseline,
+    model_path: Path,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    slug: str = "model",
+    before_building: Callable[[], None] | None = None,
 ) -> Path:
     """The ``model.onnx`` of ``baseline`` (built on first use, then cached).
 
+    ``before_building`` runs only when the baseline is not cached, before the build; it may raise to refuse it.
     Raises :class:`KilnError` when the quantizer changed no operator of the model (nothing it handles).
     """
     if baseline.kind == "ort-fp32":
@@ -234,7 +239,10 @@ def build(
         record = {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak.bytes}
         (directory / BUILD_FILE).write_text(json.dumps(record) + "\n")
 
-    out = cache.build_once(cache_dir(baseline, model_path, calibration, slug), make) / MODEL_FILE
+    final = cache_dir(baseline, model_path, calibration, slug)
+    if before_building is not None and not final.is_dir():
+        before_building()
+    out = cache.build_once(final, make) / MODEL_FILE
     if _op_types(out) == _op_types(model_path):
         raise KilnError("the quantizer changed no operator (nothing in this model that it handles)")
     return out

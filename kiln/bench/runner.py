@@ -76,6 +76,9 @@ class BenchOptions:
     repeats: int | None = None
     eval_limit: int | None = None
     calib_limit: int | None = None
+    #: Seconds this model may spend building variants that are not cached yet; once spent, the others are listed
+    #: as not built (None: no limit). A build already started always finishes.
+    build_budget_s: float | None = None
 
     @property
     def mode(self) -> str:
@@ -323,7 +326,18 @@ def _compiled_runner(out_dir: Path, threads: int) -> Runner:
     return targets.load(out_dir)
 
 
-def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOptions) -> Path:
+class _Budget:
+    """The build budget of one benchmark run (see ``BenchOptions.build_budget_s``)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def check(self, what: str) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise KilnError(f"not built in this run: its build budget was spent before {what} (not cached)")
+
+
+def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOptions, budget: _Budget) -> Path:
     """Compile (or reuse) ``recipe`` on the subject; out-of-tolerance results are kept, the table shows them."""
     key = cache.digest(
         cache.model_fingerprint(subject.path),
@@ -338,6 +352,7 @@ def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOption
     )
     out_dir = cache.bench_root() / "kiln" / f"{subject.slug}-{recipe.name}-{recipe.target}-{key}"
     if not (out_dir / "report.json").is_file():
+        budget.check(f"compiling {recipe.name}")
         with PeakMemory() as peak:
             compile_model(
                 subject.path,
@@ -353,7 +368,11 @@ def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOption
 
 
 def _kiln_entries(
-    subject: Subject, chosen: Sequence[recipes.Recipe], options: BenchOptions, progress: Progress | None
+    subject: Subject,
+    chosen: Sequence[recipes.Recipe],
+    options: BenchOptions,
+    budget: _Budget,
+    progress: Progress | None,
 ) -> tuple[list[_Entry], list[baselines.WeightOnly], list[dict[str, str]]]:
     entries, settings, skipped = [], [], []
     for recipe in chosen:
@@ -362,7 +381,7 @@ def _kiln_entries(
             try:
                 variant = dataclasses.replace(recipe, target=targets.get(target).name)
                 with _status(progress, f"compiling {label}"):
-                    out_dir = _compiled_dir(subject, variant, options)
+                    out_dir = _compiled_dir(subject, variant, options, budget)
             except KilnError as e:
                 skipped.append({"name": label, "reason": str(e)})
                 continue
@@ -387,7 +406,11 @@ def _kiln_entries(
 
 
 def _baseline_entries(
-    subject: Subject, options: BenchOptions, settings: Sequence[baselines.WeightOnly], progress: Progress | None
+    subject: Subject,
+    options: BenchOptions,
+    settings: Sequence[baselines.WeightOnly],
+    budget: _Budget,
+    progress: Progress | None,
 ) -> tuple[list[_Entry], list[dict[str, str]]]:
     wanted, skipped_pairs = baselines.expand(options.baselines, settings)
     skipped = [{"name": name, "reason": reason} for name, reason in skipped_pairs]
@@ -395,7 +418,13 @@ def _baseline_entries(
     for baseline in wanted:
         try:
             with _status(progress, f"building {baseline.name}"):
-                model_file = baselines.build(baseline, subject.path, subject.calib_feeds, subject.slug)
+                model_file = baselines.build(
+                    baseline,
+                    subject.path,
+                    subject.calib_feeds,
+                    subject.slug,
+                    before_building=lambda b=baseline: budget.check(f"building {b.name}"),
+                )
         except KilnError as e:
             skipped.append({"name": baseline.name, "reason": str(e)})
             continue
@@ -479,9 +508,10 @@ def run_bench(spec: str | Path, options: BenchOptions | None = None, progress: P
         targets.get(target)
     with _status(progress, f"loading {spec} and its data"):
         subject = resolve(spec, options)
-    kiln_entries, settings, skipped = _kiln_entries(subject, chosen, options, progress)
+    budget = _Budget(options.build_budget_s)
+    kiln_entries, settings, skipped = _kiln_entries(subject, chosen, options, budget, progress)
     skipped = broken + skipped
-    base_entries, base_skipped = _baseline_entries(subject, options, settings, progress)
+    base_entries, base_skipped = _baseline_entries(subject, options, settings, budget, progress)
     entries = base_entries + kiln_entries
     skipped += base_skipped
     reference = entries[0].name  # ort-fp32 always comes first

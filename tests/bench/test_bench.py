@@ -6,6 +6,7 @@ Timings are never asserted on: the machines are shared and noisy.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -82,6 +83,18 @@ def test_variants_are_cached_and_inapplicable_recipes_skipped(mlp_path: Path):
     second = run_bench(mlp_path, options)
     assert {row.name: Path(row.path).stat().st_mtime_ns for row in second.rows} == stamps
     assert [row.path for row in second.rows] == [row.path for row in first.rows]
+
+
+def test_spent_build_budget_lists_variants_as_not_built(mlp_path: Path):
+    options = BenchOptions(recipes=["rtn-w4"], baselines=["ort-dynamic"], quick=True, repeats=1, build_budget_s=0)
+    result = run_bench(mlp_path, options)
+    assert [row.name for row in result.rows] == ["ort-fp32"]
+    assert {s["name"] for s in result.skipped} == {"rtn-w4", "ort-dynamic"}
+    assert all("not built in this run: its build budget was spent" in s["reason"] for s in result.skipped)
+    built = run_bench(mlp_path, dataclasses.replace(options, build_budget_s=None))
+    assert [row.name for row in built.rows] == ["ort-fp32", "ort-dynamic", "kiln rtn-w4"]
+    cached = run_bench(mlp_path, options)  # cached variants need no budget
+    assert [row.name for row in cached.rows] == ["ort-fp32", "ort-dynamic", "kiln rtn-w4"]
 
 
 def test_unknown_baseline_is_one_error_line(capsys, mlp_path: Path):

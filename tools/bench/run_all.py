@@ -242,6 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-kernels", action="store_true", help="skip the GEMV micro-benchmark")
     parser.add_argument(
+        "--build-budget-min",
+        type=float,
+        help="minutes each model may spend building variants not cached yet; the rest are listed as not built",
+    )
+    parser.add_argument(
         "--no-artifacts", action="store_true", help="skip the saved-settings and .ort comparisons of each variant"
     )
     parser.add_argument(
@@ -280,7 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in models:
             name, variant = _split_spec(spec)
             chosen, model_kinds = _selection(spec, args.recipes, kinds)
-            options = BenchOptions(recipes=chosen, variant=variant, quick=args.quick, baselines=model_kinds)
+            options = BenchOptions(
+                recipes=chosen,
+                variant=variant,
+                quick=args.quick,
+                baselines=model_kinds,
+                build_budget_s=None if args.build_budget_min is None else args.build_budget_min * 60,
+            )
             err.print(f"[bold]{spec}[/]")
             try:
                 result = run_bench(name, options, progress)
