@@ -195,6 +195,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from kiln.compiler.inspect import inspect_model
 
+    if args.structure:
+        return _print_structure(args)
     info = inspect_model(args.model)
     if args.json:
         _print_json(info)
@@ -222,6 +224,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for op, count in info["ops"].items():
         ops.add_row(op, str(count))
     out.print(ops)
+    return 0
+
+
+def _print_structure(args: argparse.Namespace) -> int:
+    from kiln.compiler.inspect import inspect_structure
+
+    info = inspect_structure(args.model)
+    if args.json:
+        _print_json(info)
+        return 0
+    layers = info.pop("layers")
+    heads = f"{info['heads']} x {info['head_dim']}" + (
+        f", {info['kv_heads']} KV heads" if info["kv_heads"] != info["heads"] else ""
+    )
+    out.print(
+        f"{info['path']}: {info['blocks']} transformer blocks, {info['norm']}-norm, hidden {info['hidden']}, "
+        f"heads {heads}, {info['mlp']} MLP of width {info['mlp_width']}"
+        + (", KV cache inputs/outputs" if info["kv_cache"] else "")
+    )
+    table = Table(title="blocks (residual stream in -> attention -> MLP)")
+    for col in ("block", "input", "Q / K / V / O", "MLP", "output"):
+        table.add_column(col)
+    for layer in layers:
+        att, mlp = layer["attention"], layer["mlp"]
+        inner = [mlp[k]["node"] for k in ("gate", "up") if k in mlp]
+        table.add_row(
+            str(layer["index"]),
+            layer["input"],
+            " / ".join(att[k]["node"] for k in "qkvo"),
+            f"{' + '.join(inner)} -> {mlp['down']['node']}",
+            mlp["output"],
+        )
+    out.print(table)
     return 0
 
 
@@ -426,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="ops, constant elements and bytes by dtype, opsets, inputs and outputs")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--structure", action="store_true", help="transformer blocks, attention and MLP sublayers, residual stream"
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")
