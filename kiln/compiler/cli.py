@@ -235,26 +235,29 @@ def _print_structure(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     layers = info.pop("layers")
-    heads = f"{info['heads']} x {info['head_dim']}" + (
-        f", {info['kv_heads']} KV heads" if info["kv_heads"] != info["heads"] else ""
-    )
-    out.print(
-        f"{info['path']}: {info['blocks']} transformer blocks, {info['norm']}-norm, hidden {info['hidden']}, "
-        f"heads {heads}, {info['mlp']} MLP of width {info['mlp_width']}"
-        + (", KV cache inputs/outputs" if info["kv_cache"] else "")
-    )
+    parts = [f"{info['blocks']} transformer blocks", f"{info['norm']}-norm"]
+    if info["attention_sublayers"]:
+        kv = f", {info['kv_heads']} KV heads" if info["kv_heads"] != info["heads"] else ""
+        parts += [f"hidden {info['hidden']}", f"heads {info['heads']} x {info['head_dim']}{kv}"]
+    if info["mlp_sublayers"]:
+        parts.append(f"{info['mlp']} MLP of width {info['mlp_width']}")
+    if info.get("kv_cache"):
+        parts.append("KV cache inputs/outputs")
+    if info["attention_sublayers"] != info["blocks"] or info["mlp_sublayers"] != info["blocks"]:
+        parts.append(f"{info['attention_sublayers']} attention and {info['mlp_sublayers']} MLP sublayers")
+    out.print(f"{info['path']}: {', '.join(parts)}")
     table = Table(title="blocks (residual stream in -> attention -> MLP)")
     for col in ("block", "input", "Q / K / V / O", "MLP", "output"):
         table.add_column(col)
     for layer in layers:
-        att, mlp = layer["attention"], layer["mlp"]
-        inner = [mlp[k]["node"] for k in ("gate", "up") if k in mlp]
+        att, mlp = layer.get("attention"), layer.get("mlp")
+        inner = [mlp[k]["node"] for k in ("gate", "up") if k in mlp] if mlp else []
         table.add_row(
             str(layer["index"]),
             layer["input"],
-            " / ".join(att[k]["node"] for k in "qkvo"),
-            f"{' + '.join(inner)} -> {mlp['down']['node']}",
-            mlp["output"],
+            " / ".join(att[k]["node"] for k in "qkvo") if att else "-",
+            f"{' + '.join(inner)} -> {mlp['down']['node']}" if mlp else "-",
+            (mlp or att)["output"],
         )
     out.print(table)
     return 0

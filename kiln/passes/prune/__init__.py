@@ -1,0 +1,6 @@
+"""Structured pruning passes. Importing this package registers them: ``prune.blocks`` (drop transformer blocks or
+their attention / MLP sublayers). Structure discovery is in :mod:`kiln.passes.prune.structure`."""
+
+from kiln.passes.prune import blocks
+
+__all__ = ["blocks"]

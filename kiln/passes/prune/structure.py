@@ -157,20 +157,22 @@ class Sublayer:
 
 @dataclasses.dataclass
 class Block:
+    """An attention sublayer and the MLP after it; either may be missing once a sublayer has been pruned."""
+
     index: int
-    attention: Sublayer
-    mlp: Sublayer
+    attention: Sublayer | None
+    mlp: Sublayer | None
+
+    def sublayers(self) -> tuple[Sublayer, ...]:
+        return tuple(s for s in (self.attention, self.mlp) if s is not None)
 
     @property
     def input(self) -> ir.Value:
-        return self.attention.residual
+        return self.sublayers()[0].residual
 
     @property
     def output(self) -> ir.Value:
-        return self.mlp.output
-
-    def sublayers(self) -> tuple[Sublayer, Sublayer]:
-        return self.attention, self.mlp
+        return self.sublayers()[-1].output
 
 
 @dataclasses.dataclass
@@ -182,24 +184,37 @@ class Structure:
         for block in self.blocks:
             yield from block.sublayers()
 
+    def attentions(self) -> list[Sublayer]:
+        return [b.attention for b in self.blocks if b.attention is not None]
+
+    def mlps(self) -> list[Sublayer]:
+        return [b.mlp for b in self.blocks if b.mlp is not None]
+
     def describe(self) -> dict[str, Any]:
-        first = self.blocks[0]
-        attention, mlp = first.attention.attention, first.mlp.mlp
-        return {
+        attentions, mlps = self.attentions(), self.mlps()
+        out: dict[str, Any] = {
             "blocks": len(self.blocks),
+            "attention_sublayers": len(attentions),
+            "mlp_sublayers": len(mlps),
             "norm": self.norm,
-            "hidden": attention.o.shape[1],
-            "heads": attention.num_heads,
-            "kv_heads": attention.num_kv_heads,
-            "head_dim": attention.head_dim,
-            "mlp": "gated" if mlp.gate is not None else "plain",
-            "mlp_width": mlp.up.shape[1],
-            "kv_cache": bool(attention.past),
-            "layers": [
-                {"index": b.index, "input": b.input.name, "attention": b.attention.describe(), "mlp": b.mlp.describe()}
-                for b in self.blocks
-            ],
         }
+        if attentions:
+            attention = attentions[0].attention
+            out |= {
+                "hidden": attention.o.shape[1],
+                "heads": attention.num_heads,
+                "kv_heads": attention.num_kv_heads,
+                "head_dim": attention.head_dim,
+                "kv_cache": bool(attention.past),
+            }
+        if mlps:
+            mlp = mlps[0].mlp
+            out |= {"mlp": "gated" if mlp.gate is not None else "plain", "mlp_width": mlp.up.shape[1]}
+        out["layers"] = [
+            {"index": b.index, "input": b.input.name} | {s.kind: s.describe() for s in b.sublayers()}
+            for b in self.blocks
+        ]
+        return out
 
 
 # -- small graph predicates -------------------------------------------------------------------------------------------
@@ -426,8 +441,31 @@ def _mlp_after(stream: ir.Value, norm: Literal["pre", "post"]) -> Sublayer | Non
     return None
 
 
+def _mlp_before(stream: ir.Value, norm: Literal["pre", "post"]) -> Sublayer | None:
+    """The MLP sublayer whose output is ``stream``."""
+    producer = stream.producer()
+    if producer is None:
+        return None
+    add = producer
+    if norm == "post":
+        if producer.op_type not in ("LayerNormalization", "SimplifiedLayerNormalization") or not producer.inputs:
+            return None
+        add = producer.inputs[0].producer()
+    if add is None or add.op_type != "Add" or not _is_default(add):
+        return None
+    for residual in _activations(add):
+        mlp = _mlp_after(residual, norm)
+        if mlp is not None and mlp.add is add:
+            return mlp
+    return None
+
+
 def find_structure(model: ir.Model) -> Structure:
-    """The transformer blocks of ``model``'s main graph, or a :class:`StructureError` saying what is missing."""
+    """The transformer blocks of ``model``'s main graph, or a :class:`StructureError` saying what is missing.
+
+    The residual stream is followed from the first attention sublayer, back over any MLP sublayers before it and
+    forward to the last sublayer; an attention sublayer and the MLP right after it form a block.
+    """
     graph = model.graph
     order = {node: i for i, node in enumerate(graph)}
     softmaxes = [n for n in graph if n.op_type == "Softmax" and _is_default(n)]
@@ -447,25 +485,40 @@ def find_structure(model: ir.Model) -> Structure:
     first_attention, first_add = attentions[0][1]
     residual_of_first = next(v for v in first_add.inputs if v is not first_attention.o.output)
     norm: Literal["pre", "post"] = "post" if first_attention.q.input is residual_of_first else "pre"
-    blocks = []
-    for index, (softmax, (attention, add)) in enumerate(attentions):
+    by_residual: dict[ir.Value, Sublayer] = {}
+    for softmax, (attention, add) in attentions:
         residual = next(v for v in add.inputs if v is not attention.o.output)
         post = _post_norm(add) if norm == "post" else None
         if norm == "post" and post is None:
             raise StructureError(f"post-norm attention at Softmax {softmax.name!r}: no normalization after its Add")
-        sub = Sublayer("attention", residual, add, attention.o.output, post, attention=attention)
-        mlp = _mlp_after(sub.output, norm)
-        if mlp is None:
-            raise StructureError(
-                f"attention at Softmax {softmax.name!r} (block {index}): no MLP sublayer (residual Add of a down "
-                f"projection) reads its output {sub.output.name!r}"
-            )
-        if blocks and blocks[-1].output is not residual:
-            raise StructureError(
-                f"block {index} (Softmax {softmax.name!r}) does not read the previous block's output "
-                f"{blocks[-1].output.name!r}; the blocks do not chain along one residual stream"
-            )
-        blocks.append(Block(index, sub, mlp))
+        by_residual[residual] = Sublayer("attention", residual, add, attention.o.output, post, attention=attention)
+
+    sublayers: list[Sublayer] = []
+    stream = residual_of_first
+    while (before := _mlp_before(stream, norm)) is not None:
+        sublayers.insert(0, before)
+        stream = before.residual
+    stream = residual_of_first
+    while True:
+        sublayer = by_residual.pop(stream, None) or _mlp_after(stream, norm)
+        if sublayer is None:
+            break
+        sublayers.append(sublayer)
+        stream = sublayer.output
+    if by_residual:
+        softmax = next(iter(by_residual.values())).attention.softmax
+        raise StructureError(
+            f"attention at Softmax {softmax.name!r} is not on the residual stream that runs through the other "
+            f"blocks (the stream ends at {stream.name!r})"
+        )
+    blocks: list[Block] = []
+    for sublayer in sublayers:
+        if sublayer.kind == "mlp" and blocks and blocks[-1].attention is not None and blocks[-1].mlp is None:
+            blocks[-1].mlp = sublayer
+        elif sublayer.kind == "attention":
+            blocks.append(Block(len(blocks), sublayer, None))
+        else:
+            blocks.append(Block(len(blocks), None, sublayer))
     return Structure(blocks, norm)
 
 

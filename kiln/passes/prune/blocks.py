@@ -1,0 +1,189 @@
+"""``prune.blocks``: drop whole transformer blocks, or only their attention or only their MLP sublayers.
+
+Math. A sublayer maps the residual stream ``h`` to ``h' = h + f(h)`` (pre-norm) or ``h' = LN(h + f(h))``
+(post-norm). Dropping it sets ``h' = h``: every reader of ``h'`` reads ``h`` instead, and the branch ``f`` (with
+its norm, projections and weights) is left dead and removed. A block is its attention and MLP sublayers together.
+
+Which units go (``importance``):
+
+* ``"block_influence"`` (ShortGPT): ``BI = 1 - cos(h, h')``, the mean over calibration tokens of how much the unit
+  turns the residual stream; the ``count`` units of lowest BI are dropped. Needs calibration data.
+* ``"last"``: the last ``count`` units; ``"random"``: ``count`` units drawn with ``seed`` (the baselines).
+
+In a decode graph, an attention sublayer's KV cache goes with it: its ``past`` inputs and ``present`` outputs are
+removed from the graph's signature (shape reads of a removed ``past`` input, e.g. for the past length, are moved to
+a kept one of the same layout). Details record every unit's score, what was dropped and why, and the parameter
+counts before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.calibration import Reducer
+from kiln.compiler.registry import register
+from kiln.errors import KilnError
+from kiln.passes._base import KilnPass
+from kiln.passes.prune import _edit
+from kiln.passes.prune._stats import CosineGap
+from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
+
+
+@dataclasses.dataclass
+class BlocksOptions:
+    """Options of ``prune.blocks``.
+
+    * ``unit``: "block" (attention + MLP), "attention" or "mlp" sublayers.
+    * ``indices``: drop exactly these units (0-based; e.g. chosen on the full graph and applied to its decode graph);
+      else ``count`` units when it is > 0; else ``fraction`` of them, rounded to the nearest count.
+    * ``importance``: "block_influence" (needs calibration), "last" or "random"; not used with ``indices``.
+    * ``seed``: for ``importance = "random"``.
+    """
+
+    unit: Literal["block", "attention", "mlp"] = "block"
+    count: int = 0
+    fraction: float = 0.25
+    importance: Literal["block_influence", "last", "random"] = "block_influence"
+    seed: int = 0
+    indices: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("block", "attention", "mlp"):
+            raise ValueError(f"unit must be 'block', 'attention' or 'mlp', got {self.unit!r}")
+        if self.importance not in ("block_influence", "last", "random"):
+            raise ValueError(f"importance must be 'block_influence', 'last' or 'random', got {self.importance!r}")
+        if self.count < 0:
+            raise ValueError(f"count must be >= 0, got {self.count}")
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
+        if self.count and self.indices:
+            raise ValueError("give count or indices, not both")
+        if len(set(self.indices)) != len(self.indices) or any(i < 0 for i in self.indices):
+            raise ValueError(f"indices must be distinct and >= 0, got {self.indices}")
+
+
+@register("prune.blocks")
+class PruneBlocks(KilnPass):
+    """Drop transformer blocks, or attention or MLP sublayers, by Block Influence (or last / random baselines)."""
+
+    Options = BlocksOptions
+    needs_calibration = True
+
+    def requires(self, model: ir.Model) -> None:
+        if self.options.importance == "block_influence" and not self.options.indices:
+            super().requires(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        structure = find_structure(model)
+        units = _units(structure, opts.unit)
+        count = opts.count or len(opts.indices) or round(opts.fraction * len(units))
+        if any(i >= len(units) for i in opts.indices):
+            raise KilnError(f"prune.blocks: indices {opts.indices} out of range for {len(units)} {opts.unit} units")
+        if count == 0:
+            self.details = {"dropped": [], "reason": f"fraction {opts.fraction} of {len(units)} units rounds to 0"}
+            return ir.passes.PassResult(model, modified=False)
+        if count >= len(units):
+            raise KilnError(f"prune.blocks: cannot drop {count} of the model's {len(units)} {opts.unit} units")
+        scores = None if opts.indices else self._scores(model, units)
+        drop = sorted(opts.indices) if opts.indices else sorted(self._order(units, scores)[:count])
+        before = parameter_count(model)
+        dropped_sublayers = [sub for i in drop for sub in units[i]]
+        # Last first: a dropped sublayer's output may be the residual input of the next dropped one.
+        for sublayer in reversed(dropped_sublayers):
+            _bypass(model.graph, sublayer)
+        if any(s.kind == "attention" and s.attention.past for s in dropped_sublayers):
+            _drop_cache(model, structure, [s for s in dropped_sublayers if s.kind == "attention"])
+        _edit.finish(model)
+        self.details = {
+            "unit": opts.unit,
+            "importance": opts.importance,
+            "units": len(units),
+            "dropped": [
+                {"index": i, "score": scores[i] if scores else None, "outputs": [s.output.name for s in units[i]]}
+                for i in drop
+            ],
+            "reason": "given by option 'indices'" if opts.indices else _reason(opts.importance, opts.seed),
+            "scores": scores,
+            "parameters_before": before,
+            "parameters_after": parameter_count(model),
+        }
+        return ir.passes.PassResult(model, modified=True)
+
+    def _scores(self, model: ir.Model, units: list[tuple[Sublayer, ...]]) -> list[float] | None:
+        if self.options.importance != "block_influence":
+            return None
+        assert self.context.calibration is not None  # checked by requires()
+        gaps = [CosineGap() for _ in units]
+        reducers: dict[str, list[Reducer]] = {}
+        for gap, unit in zip(gaps, units, strict=True):
+            reducers.setdefault(unit[0].residual.name, []).append(gap.side("a"))
+            reducers.setdefault(unit[-1].output.name, []).append(gap.side("b"))
+        self.context.calibration.collect(model, reducers)
+        return [gap.value for gap in gaps]
+
+    def _order(self, units: list[tuple[Sublayer, ...]], scores: list[float] | None) -> list[int]:
+        """Unit indices, the first to drop first."""
+        if scores is not None:
+            return sorted(range(len(units)), key=lambda i: scores[i])
+        if self.options.importance == "last":
+            return list(range(len(units)))[::-1]
+        return [int(i) for i in np.random.default_rng(self.options.seed).permutation(len(units))]
+
+
+def _units(structure: Structure, unit: str) -> list[tuple[Sublayer, ...]]:
+    if unit == "block":
+        return [block.sublayers() for block in structure.blocks]
+    return [(s,) for s in (structure.attentions() if unit == "attention" else structure.mlps())]
+
+
+def _reason(importance: str, seed: int) -> str:
+    if importance == "block_influence":
+        return "lowest Block Influence (1 - cosine of the residual stream before and after, on calibration data)"
+    if importance == "last":
+        return "the last units (baseline)"
+    return f"drawn at random with seed {seed} (baseline)"
+
+
+def _bypass(graph: ir.Graph, sublayer: Sublayer) -> None:
+    """Every reader of the sublayer's output reads its residual input instead."""
+    output, residual = sublayer.output, sublayer.residual
+    if output.is_graph_output():
+        identity = ir.node("Identity", [residual], name=f"{sublayer.add.name}.bypass")
+        graph.insert_after(sublayer.output.producer(), identity)
+        output.replace_all_uses_with(identity.outputs[0], replace_graph_outputs=True)
+        name, output.name = output.name, None
+        identity.outputs[0].name, identity.outputs[0].type, identity.outputs[0].shape = name, output.type, output.shape
+    else:
+        output.replace_all_uses_with(residual)
+
+
+def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) -> None:
+    """Remove the KV-cache inputs and outputs of dropped attention sublayers from the graph's signature."""
+    graph = model.graph
+    gone = {id(s) for s in dropped}
+    kept = [s.attention for s in structure.attentions() if id(s) not in gone]
+    if not kept:
+        raise KilnError("prune.blocks: dropping every attention sublayer of a decode graph leaves no KV cache")
+    for sublayer in dropped:
+        attention = sublayer.attention
+        for present in attention.present:
+            graph.outputs.remove(present)
+        for role, past in enumerate(attention.past):
+            substitute = kept[0].past[role] if role < len(kept[0].past) else kept[0].past[0]
+            for use in list(past.uses()):
+                if use.node.op_type == "Shape":
+                    use.node.replace_input_with(use.idx, substitute)
+    _edit.finish(model)  # the cache's Concat nodes are dead now
+    for sublayer in dropped:
+        for past in sublayer.attention.past:
+            if past.uses():
+                user = past.uses()[0].node
+                raise KilnError(
+                    f"prune.blocks: KV-cache input {past.name!r} is still read by {user.op_type} node {user.name!r}"
+                )
+            graph.inputs.remove(past)
