@@ -8,6 +8,11 @@ Which units go (``importance``):
 
 * ``"block_influence"`` (ShortGPT): ``BI = 1 - cos(h, h')``, the mean over calibration tokens of how much the unit
   turns the residual stream; the ``count`` units of lowest BI are dropped. Needs calibration data.
+* ``"output_error"``: the measured effect on the model's outputs of dropping each unit alone,
+  ``sum_outputs ||y - y_0||^2 / ||y_0||^2`` averaged over the first ``error_feeds`` calibration batches; the units
+  whose removal changes the outputs least go. Each unit gets a gate in a temporary copy of the graph,
+  ``h' = h + g (f(h) - h)`` with ``g`` a scalar input, and ONNX Runtime runs once per unit and batch with that
+  unit's gate at 0.
 * ``"last"``: the last ``count`` units; ``"random"``: ``count`` units drawn with ``seed`` (the baselines).
 
 In a decode graph, an attention sublayer's KV cache goes with it: its ``past`` inputs and ``present`` outputs are
@@ -19,18 +24,23 @@ counts before and after.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import Reducer
+from kiln.compiler import io
+from kiln.compiler.calibration import CalibrationData, Feed, Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
+from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit
 from kiln.passes.prune._stats import CosineGap
 from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
+from kiln.targets.ort.runner import make_session
 
 
 @dataclasses.dataclass
@@ -40,22 +50,29 @@ class BlocksOptions:
     * ``unit``: "block" (attention + MLP), "attention" or "mlp" sublayers.
     * ``indices``: drop exactly these units (0-based; e.g. chosen on the full graph and applied to its decode graph);
       else ``count`` units when it is > 0; else ``fraction`` of them, rounded to the nearest count.
-    * ``importance``: "block_influence" (needs calibration), "last" or "random"; not used with ``indices``.
+    * ``importance``: "block_influence" or "output_error" (both need calibration), "last" or "random"; not used
+      with ``indices``.
     * ``seed``: for ``importance = "random"``.
+    * ``error_feeds``: calibration batches used by ``importance = "output_error"``.
     """
 
     unit: Literal["block", "attention", "mlp"] = "block"
     count: int = 0
     fraction: float = 0.25
-    importance: Literal["block_influence", "last", "random"] = "block_influence"
+    importance: Literal["block_influence", "output_error", "last", "random"] = "block_influence"
     seed: int = 0
+    error_feeds: int = 2
     indices: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "attention", "mlp"):
             raise ValueError(f"unit must be 'block', 'attention' or 'mlp', got {self.unit!r}")
-        if self.importance not in ("block_influence", "last", "random"):
-            raise ValueError(f"importance must be 'block_influence', 'last' or 'random', got {self.importance!r}")
+        if self.importance not in ("block_influence", "output_error", "last", "random"):
+            raise ValueError(
+                f"importance must be 'block_influence', 'output_error', 'last' or 'random', got {self.importance!r}"
+            )
+        if self.error_feeds < 1:
+            raise ValueError(f"error_feeds must be >= 1, got {self.error_feeds}")
         if self.count < 0:
             raise ValueError(f"count must be >= 0, got {self.count}")
         if not 0.0 <= self.fraction < 1.0:
@@ -74,7 +91,7 @@ class PruneBlocks(KilnPass):
     needs_calibration = True
 
     def requires(self, model: ir.Model) -> None:
-        if self.options.importance == "block_influence" and not self.options.indices:
+        if self.options.importance in ("block_influence", "output_error") and not self.options.indices:
             super().requires(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -115,6 +132,10 @@ class PruneBlocks(KilnPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _scores(self, model: ir.Model, units: list[tuple[Sublayer, ...]]) -> list[float] | None:
+        if self.options.importance == "output_error":
+            assert self.context.calibration is not None  # checked by requires()
+            feeds = list(CalibrationData(lambda: iter(self.context.calibration), limit=self.options.error_feeds))
+            return _output_errors(model, units, feeds)
         if self.options.importance != "block_influence":
             return None
         assert self.context.calibration is not None  # checked by requires()
@@ -144,6 +165,8 @@ def _units(structure: Structure, unit: str) -> list[tuple[Sublayer, ...]]:
 def _reason(importance: str, seed: int) -> str:
     if importance == "block_influence":
         return "lowest Block Influence (1 - cosine of the residual stream before and after, on calibration data)"
+    if importance == "output_error":
+        return "smallest change of the model's outputs when dropped alone (relative squared error, calibration data)"
     if importance == "last":
         return "the last units (baseline)"
     return f"drawn at random with seed {seed} (baseline)"
@@ -187,3 +210,54 @@ def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) 
                     f"prune.blocks: KV-cache input {past.name!r} is still read by {user.op_type} node {user.name!r}"
                 )
             graph.inputs.remove(past)
+
+
+def _output_errors(model: ir.Model, units: list[tuple[Sublayer, ...]], feeds: list[Feed]) -> list[float]:
+    """Relative squared change of all float outputs when each unit alone is dropped, summed over ``feeds``."""
+    graph = model.graph
+    names = _weights.NameScope(model)
+    gates, undo = [], []
+    gated_values: dict[ir.Value, ir.Value] = {}
+    for unit in units:
+        residual, output = unit[0].residual, unit[-1].output
+        residual = gated_values.get(residual, residual)  # the previous unit's gated output
+        uses = list(output.uses())
+        dtype = output.dtype or ir.DataType.FLOAT
+        gate = ir.Value(name=names.fresh("kiln_prune_gate"), type=ir.TensorType(dtype), shape=ir.Shape([]))
+        delta = ir.node("Sub", [output, residual], name=names.fresh("kiln_prune_gate.sub"))
+        scaled = ir.node("Mul", [delta.outputs[0], gate], name=names.fresh("kiln_prune_gate.mul"))
+        gated = ir.node("Add", [residual, scaled.outputs[0]], name=names.fresh("kiln_prune_gate.add"))
+        for node in (delta, scaled, gated):
+            node.outputs[0].name = names.fresh(f"{node.name}.out")
+        graph.insert_after(output.producer(), [delta, scaled, gated])
+        for use in uses:
+            use.node.replace_input_with(use.idx, gated.outputs[0])
+        graph.inputs.append(gate)
+        gates.append(gate)
+        gated_values[output] = gated.outputs[0]
+        undo.append((output, gated.outputs[0], [delta, scaled, gated]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
+            path = io.save(model, Path(tmp) / "gated.onnx")
+            session = make_session(path)
+    finally:
+        for output, gated, nodes in reversed(undo):
+            gated.replace_all_uses_with(output)
+            graph.remove(nodes, safe=True)
+        for gate in gates:
+            graph.inputs.remove(gate)
+    outputs = [o.name for o in session.get_outputs() if "float" in o.type]
+    ones = {gate.name: np.ones((), _NUMPY[gate.dtype]) for gate in gates}
+    errors = np.zeros(len(units))
+    for feed in feeds:
+        reference = session.run(outputs, {**feed, **ones})
+        for i, gate in enumerate(gates):
+            got = session.run(outputs, {**feed, **ones, gate.name: np.zeros((), _NUMPY[gate.dtype])})
+            errors[i] += sum(
+                float(np.sum((g.astype(np.float64) - r) ** 2) / max(np.sum(r.astype(np.float64) ** 2), 1e-300))
+                for g, r in zip(got, reference, strict=True)
+            )
+    return [float(e / len(feeds)) for e in errors]
+
+
+_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64}

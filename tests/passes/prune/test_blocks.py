@@ -57,6 +57,19 @@ def test_a_block_that_adds_nothing_is_dropped_first_and_outputs_stay_equal(tmp_p
     assert "layers.2.q_proj" not in model.graph.initializers
 
 
+def test_output_error_importance_measures_each_unit_alone(tmp_path: Path) -> None:
+    model = llama(tmp_path, layers=3)
+    set_weight(model, "layers.1.o_proj", np.zeros((32, 32)))  # attention 1 adds nothing: no output error
+    inputs = [v.name for v in model.graph.inputs]
+    pruned = _prune(
+        model, CalibrationData([_ids(1), _ids(2), _ids(3)]), unit="attention", count=1, importance="output_error"
+    )
+    errors = pruned.details["scores"]
+    assert errors[1] == pytest.approx(0.0, abs=1e-10) and min(errors[0], errors[2]) > 1e-4
+    assert [d["index"] for d in pruned.details["dropped"]] == [1]
+    assert [v.name for v in model.graph.inputs] == inputs and not any("kiln_prune_gate" in n.name for n in model.graph)
+
+
 @pytest.mark.parametrize(("unit", "matmuls", "zeroed"), [("attention", 6, "o_proj"), ("mlp", 3, "down_proj")])
 def test_dropping_one_sublayer(tmp_path: Path, unit: str, matmuls: int, zeroed: str) -> None:
     model = llama(tmp_path, layers=2)
@@ -118,7 +131,8 @@ def test_errors(tmp_path: Path) -> None:
     ("options", "message"),
     [
         ({"unit": "head"}, "unit must be 'block', 'attention' or 'mlp'"),
-        ({"importance": "magnitude"}, "importance must be 'block_influence', 'last' or 'random'"),
+        ({"importance": "magnitude"}, "importance must be 'block_influence', 'output_error', 'last' or 'random'"),
+        ({"error_feeds": 0}, "error_feeds must be >= 1"),
         ({"count": -1}, "count must be >= 0"),
         ({"fraction": 1.0}, "fraction must be in [0, 1)"),
         ({"count": 2, "indices": [1]}, "give count or indices, not both"),
