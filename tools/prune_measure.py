@@ -38,6 +38,9 @@ SMOLLM2 = {
     "random6": ("prune.blocks", {"unit": "block", "count": 6, "importance": "random", "seed": 0}),
     "attn-half": ("prune.blocks", {"unit": "attention", "count": 15, "importance": "block_influence"}),
     "attn-half-last": ("prune.blocks", {"unit": "attention", "count": 15, "importance": "last"}),
+    "err6": ("prune.blocks", {"unit": "block", "count": 6, "importance": "output_error"}),
+    "attn-half-err": ("prune.blocks", {"unit": "attention", "count": 15, "importance": "output_error"}),
+    "attn-8-err": ("prune.blocks", {"unit": "attention", "count": 8, "importance": "output_error"}),
     "mlp25": ("prune.mlp", {"ratio": 0.25}),
     "mlp25-nocomp": ("prune.mlp", {"ratio": 0.25, "bias_compensation": False}),
 }

@@ -43,14 +43,16 @@ class CosineGap:
 
 
 class ChannelMoments(Reducer):
-    """Per-channel mean and mean square along the last axis (importance and bias compensation)."""
+    """Per-channel mean and mean square (importance and bias compensation); channels along ``axis`` (NCHW: 1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
         self.sum: np.ndarray | None = None
         self.square: np.ndarray | None = None
         self.count = 0
 
     def update(self, array: np.ndarray) -> None:
+        array = np.moveaxis(array, self.axis, -1)
         rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
         total, square = rows.sum(axis=0), (rows * rows).sum(axis=0)
         self.sum = total if self.sum is None else self.sum + total
