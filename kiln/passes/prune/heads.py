@@ -222,15 +222,10 @@ def _rewrite_shape(node: ir.Node, *, position: int, old: int, new: int, names: _
         return
     if piece.item() != old:
         raise KilnError(f"prune.heads: Reshape {node.name!r} shape piece is {piece.item()}, expected {old} or -1")
-    if len(target.uses()) > 1:  # shared with Reshapes of other widths: give this node its own Concat
-        copy = ir.node("Concat", pieces, attributes={"axis": 0}, name=names.fresh(f"{concat.name}.pruned"))
-        copy.outputs[0].name = names.fresh(f"{target.name}.pruned")
-        concat.graph.insert_after(concat, copy)
-        node.replace_input_with(1, copy.outputs[0])
-        concat = copy
-    old_piece = concat.inputs[index]
-    concat.replace_input_with(index, names.constant(old_piece, np.array([new], dtype=piece.dtype)))
-    _weights.remove_if_unused(old_piece)
+    # A new Concat (the old one may be shared with Reshapes of other widths), one per variant: those sharing the
+    # old shape share the new one; the old goes once unused.
+    replacement = names.constant(pieces[index], np.array([new], dtype=piece.dtype))
+    node.replace_input_with(1, names.concat(concat, index, replacement))
 
 
 class _Shapes:
@@ -242,6 +237,17 @@ class _Shapes:
 
     def fresh(self, base: str) -> str:
         return self.names.fresh(base)
+
+    def concat(self, concat: ir.Node, index: int, piece: ir.Value) -> ir.Value:
+        """``concat``'s output with input ``index`` replaced by ``piece``, one new Concat per such variant."""
+        key = (concat.outputs[0], piece.name.encode())
+        if key not in self._made:
+            inputs = [piece if i == index else v for i, v in enumerate(concat.inputs)]
+            copy = ir.node("Concat", inputs, attributes={"axis": 0}, name=self.names.fresh(f"{concat.name}.pruned"))
+            copy.outputs[0].name = self.names.fresh(f"{concat.outputs[0].name}.pruned")
+            concat.graph.insert_after(concat, copy)
+            self._made[key] = copy.outputs[0]
+        return self._made[key]
 
     def constant(self, old: ir.Value, array: np.ndarray) -> ir.Value:
         key = (old, array.tobytes())

@@ -36,14 +36,21 @@ class _Builder:
         return node.outputs[0]
 
 
-def bert(*, layers: int = 2, hidden: int = 32, heads: int = 4, intermediate: int = 64, seed: int = 0) -> ir.Model:
+def bert(
+    *, layers: int = 2, hidden: int = 32, heads: int = 4, intermediate: int = 64, seed: int = 0, concat: bool = False
+) -> ir.Model:
     """Post-LN encoder: x [batch, seq, hidden] -> layers x (MHA with biases, Add, LayerNorm, GELU MLP, Add, LN) -> y.
 
-    The split-heads Reshape uses an explicit head count (as a decode export does), the merge Reshape -1.
+    The split-heads Reshape uses an explicit head count (as a decode export does), as one constant or, with
+    ``concat``, as a Concat of one-element pieces shared by every layer; the merge Reshape uses -1.
     """
     b = _Builder(seed)
     head_dim = hidden // heads
-    split = b.const("split", np.array([0, 0, heads, head_dim], np.int64))
+    if concat:
+        pieces = [b.const(f"split.{i}", np.array([v], np.int64)) for i, v in enumerate((0, 0, heads, head_dim))]
+        split = b.op("Concat", pieces, "split", axis=0)
+    else:
+        split = b.const("split", np.array([0, 0, heads, head_dim], np.int64))
     merge = b.const("merge", np.array([0, 0, -1], np.int64))
     scale = b.const("scale", np.array(1 / np.sqrt(head_dim), np.float32))
     x = testing.value("x", ["batch", "seq", hidden])

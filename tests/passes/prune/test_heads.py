@@ -62,6 +62,20 @@ def test_silent_heads_go_first_and_outputs_stay_equal() -> None:
     assert pruned.details["parameters_before"] - pruned.details["parameters_after"] == removed
 
 
+def test_head_count_in_a_shared_concat() -> None:
+    model = bert(layers=2, concat=True)
+    _silence(model, 0, [0])
+    _silence(model, 1, [2])
+    expected = run(model, _x(0))[0]
+    _prune(model, heads=3)
+    np.testing.assert_allclose(run(model, _x(0))[0], expected, rtol=1e-5, atol=1e-5)
+    for block in find_structure(model).blocks:
+        split = next(u.node for u in block.attention.attention.k.output.uses() if u.node.op_type == "Reshape")
+        pieces = [v.const_value.numpy().tolist() for v in split.inputs[1].producer().inputs]
+        assert pieces == [[0], [0], [3], [D]]
+    assert sum(n.op_type == "Concat" for n in model.graph) == 1  # one new Concat shared by the six Reshapes
+
+
 def test_kept_heads_are_exactly_the_original_weights() -> None:
     model = bert(layers=1)
     original = {n: weight(model, f"l0.{n}.w").copy() for n in "qkvo"}
