@@ -2,11 +2,13 @@
 
     python tools/prune_measure.py smollm2 [--windows 16] [--configs bi6,last6,random6,attn-half,mlp25]
     python tools/prune_measure.py minilm [--configs heads9,heads6,heads-default]
+    python tools/prune_measure.py efficientnet [--configs filters25-global,filters25-uniform,filters25-l1]
 
 SmolLM2-135M: perplexity on ``--windows`` 512-token windows of Pride and Prejudice (calibration: Sense and
 Sensibility), and batch-1 decode latency with a 256-token KV cache, the original and the pruned decode graph run
 alternately (median of ``--runs``). Block choices are made once, on the full graph, and applied to the decode graph
 with ``indices``. MiniLM: embedding cosine on the zoo's verification sentences and latency at sequence 128, batch 1.
+EfficientNet-Lite0: top-1 agreement with fp32 on the zoo's verification images and latency at batch 1.
 Parameter counts are the constant elements of the saved model files. Prints a Markdown table.
 """
 
@@ -172,19 +174,48 @@ def minilm(args: argparse.Namespace, tmp: Path) -> None:
         print(f"| {label} | {cos:.4f} | {speed:.2f}x | {params:,} | {kept} |")
 
 
+EFFICIENTNET = {
+    "filters25-global": ("prune.filters", {"ratio": 0.25, "allocation": "global"}),
+    "filters25-uniform": ("prune.filters", {"ratio": 0.25, "allocation": "uniform"}),
+    "filters25-l1": ("prune.filters", {"ratio": 0.25, "importance": "l1"}),
+}
+
+
+def efficientnet(args: argparse.Namespace, tmp: Path) -> None:
+    path = zoo.export("efficientnet-lite0")
+    feeds = zoo.get("efficientnet-lite0").verification_feeds("full")
+    calibration = CalibrationData.from_zoo("efficientnet-lite0", "full")
+    latency_feed = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    reference = make_session(path, threads=2)
+    ref_logits = [reference.run(None, feed)[0] for feed in feeds]
+    rows = [("fp32 original", 1.0, 1.0, _params(path))]
+    for label in args.configs.split(","):
+        pruned, _ = _prune(path, [EFFICIENTNET[label]], calibration, tmp / label)
+        candidate = make_session(pruned, threads=2)
+        agree = [(candidate.run(None, f)[0].argmax(1) == r.argmax(1)) for f, r in zip(feeds, ref_logits, strict=True)]
+        ref_ms, new_ms = _latency([path, pruned], [latency_feed, latency_feed], args.runs)
+        rows.append((label, float(np.concatenate(agree).mean()), ref_ms / new_ms, _params(pruned)))
+        print(f"{label}: top-1 agreement {rows[-1][1]:.4f}, {ref_ms:.2f} -> {new_ms:.2f} ms", flush=True)
+    print("\n| config | top-1 agreement | speedup (batch 1) | params |")
+    print("|---|---|---|---|")
+    for label, agreement, speed, params in rows:
+        print(f"| {label} | {agreement:.4f} | {speed:.2f}x | {params:,} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["smollm2", "minilm"])
+    parser.add_argument("model", choices=["smollm2", "minilm", "efficientnet"])
     parser.add_argument("--configs", default=None)
     parser.add_argument("--windows", type=int, default=16, help="SmolLM2 evaluation windows of 512 tokens")
     parser.add_argument("--calib", type=int, default=8, help="SmolLM2 calibration windows")
     parser.add_argument("--past", type=int, default=256, help="SmolLM2 decode KV-cache length")
     parser.add_argument("--runs", type=int, default=100, help="latency runs per model")
     args = parser.parse_args()
+    configs = {"smollm2": SMOLLM2, "minilm": MINILM, "efficientnet": EFFICIENTNET}[args.model]
     if args.configs is None:
-        args.configs = ",".join(SMOLLM2 if args.model == "smollm2" else MINILM)
+        args.configs = ",".join(configs)
     with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
-        (smollm2 if args.model == "smollm2" else minilm)(args, Path(tmp))
+        {"smollm2": smollm2, "minilm": minilm, "efficientnet": efficientnet}[args.model](args, Path(tmp))
 
 
 if __name__ == "__main__":
