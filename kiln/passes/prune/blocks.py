@@ -15,6 +15,10 @@ Which units go (``importance``):
   unit's gate at 0.
 * ``"last"``: the last ``count`` units; ``"random"``: ``count`` units drawn with ``seed`` (the baselines).
 
+With ``mean_compensation`` a dropped sublayer leaves its mean output behind instead of nothing (FLAP's bias
+compensation, applied to a whole sublayer): the residual Add reads the constant ``E[f(h)]``, averaged over the
+calibration tokens, in place of the branch, so ``h' = h + E[f(h)]`` (``LN(h + E[f(h)])`` post-norm).
+
 In a decode graph, an attention sublayer's KV cache goes with it: its ``past`` inputs and ``present`` outputs are
 removed from the graph's signature (shape reads of a removed ``past`` input, e.g. for the past length, are moved to
 a kept one of the same layout). Details record every unit's score, what was dropped and why, and the parameter
@@ -38,7 +42,7 @@ from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit
-from kiln.passes.prune._stats import CosineGap
+from kiln.passes.prune._stats import ChannelMoments, CosineGap
 from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
 from kiln.targets.ort.runner import make_session
 
@@ -54,6 +58,7 @@ class BlocksOptions:
       with ``indices``.
     * ``seed``: for ``importance = "random"``.
     * ``error_feeds``: calibration batches used by ``importance = "output_error"``.
+    * ``mean_compensation``: a dropped sublayer is replaced by its mean output (needs calibration).
     """
 
     unit: Literal["block", "attention", "mlp"] = "block"
@@ -62,6 +67,7 @@ class BlocksOptions:
     importance: Literal["block_influence", "output_error", "last", "random"] = "block_influence"
     seed: int = 0
     error_feeds: int = 2
+    mean_compensation: bool = False
     indices: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,7 +97,8 @@ class PruneBlocks(KilnPass):
     needs_calibration = True
 
     def requires(self, model: ir.Model) -> None:
-        if self.options.importance in ("block_influence", "output_error") and not self.options.indices:
+        opts = self.options
+        if (opts.importance in ("block_influence", "output_error") and not opts.indices) or opts.mean_compensation:
             super().requires(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -110,9 +117,11 @@ class PruneBlocks(KilnPass):
         drop = sorted(opts.indices) if opts.indices else sorted(self._order(units, scores)[:count])
         before = parameter_count(model)
         dropped_sublayers = [sub for i in drop for sub in units[i]]
-        # Last first: a dropped sublayer's output may be the residual input of the next dropped one.
-        for sublayer in reversed(dropped_sublayers):
-            _bypass(model.graph, sublayer)
+        if opts.mean_compensation:
+            _compensate(model, dropped_sublayers, self.context.calibration)
+        else:  # last first: a dropped sublayer's output may be the residual input of the next dropped one
+            for sublayer in reversed(dropped_sublayers):
+                _bypass(model.graph, sublayer)
         if any(s.kind == "attention" and s.attention.past for s in dropped_sublayers):
             _drop_cache(model, structure, [s for s in dropped_sublayers if s.kind == "attention"])
         _edit.finish(model)
@@ -125,6 +134,7 @@ class PruneBlocks(KilnPass):
                 for i in drop
             ],
             "reason": "given by option 'indices'" if opts.indices else _reason(opts.importance, opts.seed),
+            "mean_compensation": opts.mean_compensation,
             "scores": scores,
             "parameters_before": before,
             "parameters_after": parameter_count(model),
@@ -170,6 +180,19 @@ def _reason(importance: str, seed: int) -> str:
     if importance == "last":
         return "the last units (baseline)"
     return f"drawn at random with seed {seed} (baseline)"
+
+
+def _compensate(model: ir.Model, sublayers: list[Sublayer], calibration: CalibrationData) -> None:
+    """Each sublayer's residual Add reads its branch's mean over the calibration tokens instead of the branch."""
+    moments = {s.branch: ChannelMoments() for s in sublayers}
+    calibration.collect(model, {value.name: [reducer] for value, reducer in moments.items()})
+    names = _weights.NameScope(model)
+    for sublayer in sublayers:
+        branch = sublayer.branch
+        mean = moments[branch].mean.astype(_NUMPY.get(branch.dtype, np.float32))
+        constant = _weights.add_initializer(model.graph, names.fresh(f"{sublayer.add.name}.mean_branch"), mean)
+        index = next(i for i, v in enumerate(sublayer.add.inputs) if v is branch)
+        sublayer.add.replace_input_with(index, constant)
 
 
 def _bypass(graph: ir.Graph, sublayer: Sublayer) -> None:

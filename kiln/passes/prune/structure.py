@@ -460,6 +460,30 @@ def _mlp_before(stream: ir.Value, norm: Literal["pre", "post"]) -> Sublayer | No
     return None
 
 
+def _constant_add_after(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
+    """``h + c`` (then normalized, post-norm) with ``c`` a constant: what a compensated, pruned sublayer leaves."""
+    uses = stream.uses()
+    if len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or not _is_default(add) or len(_activations(add)) != 1:
+        return None
+    if norm == "post":
+        post = _post_norm(add)
+        return None if post is None else post.outputs[0]
+    return add.outputs[0]
+
+
+def _constant_add_before(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
+    node = stream.producer()
+    if norm == "post" and node is not None and node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Add" or not _is_default(node) or len(_activations(node)) != 1:
+        return None
+    (source,) = _activations(node)
+    return source if _constant_add_after(source, norm) is stream else None
+
+
 def find_structure(model: ir.Model) -> Structure:
     """The transformer blocks of ``model``'s main graph, or a :class:`StructureError` saying what is missing.
 
@@ -495,16 +519,25 @@ def find_structure(model: ir.Model) -> Structure:
 
     sublayers: list[Sublayer] = []
     stream = residual_of_first
-    while (before := _mlp_before(stream, norm)) is not None:
-        sublayers.insert(0, before)
-        stream = before.residual
+    while True:
+        before = _mlp_before(stream, norm)
+        if before is not None:
+            sublayers.insert(0, before)
+            stream = before.residual
+        elif (source := _constant_add_before(stream, norm)) is not None:
+            stream = source
+        else:
+            break
     stream = residual_of_first
     while True:
         sublayer = by_residual.pop(stream, None) or _mlp_after(stream, norm)
-        if sublayer is None:
+        if sublayer is not None:
+            sublayers.append(sublayer)
+            stream = sublayer.output
+        elif (after := _constant_add_after(stream, norm)) is not None:
+            stream = after  # a sublayer pruned with mean compensation: h + constant
+        else:
             break
-        sublayers.append(sublayer)
-        stream = sublayer.output
     if by_residual:
         softmax = next(iter(by_residual.values())).attention.softmax
         raise StructureError(

@@ -14,6 +14,7 @@ from kiln.compiler import registry
 from kiln.compiler.calibration import CalibrationData
 from kiln.errors import KilnError, RecipeError
 from kiln.passes._base import PassContext
+from kiln.passes.prune._stats import ChannelMoments
 from kiln.passes.prune.blocks import BlocksOptions, PruneBlocks
 from kiln.passes.prune.structure import StructureError, find_structure, parameter_count
 
@@ -68,6 +69,37 @@ def test_output_error_importance_measures_each_unit_alone(tmp_path: Path) -> Non
     assert errors[1] == pytest.approx(0.0, abs=1e-10) and min(errors[0], errors[2]) > 1e-4
     assert [d["index"] for d in pruned.details["dropped"]] == [1]
     assert [v.name for v in model.graph.inputs] == inputs and not any("kiln_prune_gate" in n.name for n in model.graph)
+
+
+def test_mean_compensation_leaves_the_mean_output(tmp_path: Path) -> None:
+    model = llama(tmp_path, layers=2)
+    calibration = CalibrationData([_ids(1), _ids(2)])
+    moments = ChannelMoments()
+    calibration.collect(model, {"layers.1.down": [moments]})  # the MLP branch of block 1
+    pruned = _prune(model, calibration, unit="mlp", indices=[1], mean_compensation=True)
+    add = next(n for n in model.graph if n.name == "layers.1.mlp_residual")
+    (constant,) = [v for v in add.inputs if v.const_value is not None]
+    np.testing.assert_allclose(constant.const_value.numpy(), moments.mean, rtol=1e-5, atol=1e-7)
+    assert np.abs(moments.mean).max() > 1e-3 and pruned.details["mean_compensation"]
+    assert "layers.1.down_proj" not in model.graph.initializers and len(find_structure(model).mlps()) == 1
+
+
+@pytest.mark.parametrize("graph", ["llama", "bert"])
+def test_structure_runs_through_compensated_sublayers(tmp_path: Path, graph: str) -> None:
+    if graph == "llama":
+        model, feeds = llama(tmp_path, layers=4), [_ids(1)]
+    else:
+        model, feeds = bert(layers=4), [{"x": np.random.default_rng(1).standard_normal((2, 5, 32)).astype(np.float32)}]
+    _prune(model, CalibrationData(feeds), unit="attention", indices=[0, 2], mean_compensation=True)
+    _prune(model, CalibrationData(feeds), unit="mlp", indices=[3], mean_compensation=True)
+    structure = find_structure(model)
+    assert (len(structure.attentions()), len(structure.mlps())) == (2, 3)
+    assert [[s.kind for s in b.sublayers()] for b in structure.blocks] == [
+        ["mlp"],
+        ["attention", "mlp"],
+        ["mlp"],
+        ["attention"],
+    ]
 
 
 @pytest.mark.parametrize(("unit", "matmuls", "zeroed"), [("attention", 6, "o_proj"), ("mlp", 3, "down_proj")])
