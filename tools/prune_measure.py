@@ -43,6 +43,8 @@ SMOLLM2 = {
     "err6": ("prune.blocks", {"unit": "block", "count": 6, "importance": "output_error"}),
     "attn-half-err": ("prune.blocks", {"unit": "attention", "count": 15, "importance": "output_error"}),
     "attn-8-err": ("prune.blocks", {"unit": "attention", "count": 8, "importance": "output_error"}),
+    "attn-half-comp": ("prune.blocks", {"unit": "attention", "count": 15, "mean_compensation": True}),
+    "bi6-comp": ("prune.blocks", {"unit": "block", "count": 6, "mean_compensation": True}),
     "mlp25": ("prune.mlp", {"ratio": 0.25}),
     "mlp25-nocomp": ("prune.mlp", {"ratio": 0.25, "bias_compensation": False}),
 }
@@ -122,8 +124,10 @@ def smollm2(args: argparse.Namespace, tmp: Path) -> None:
         details = records[0].details
         ppl = _perplexity(pruned, windows)
         if name == "prune.blocks":
-            decode_steps = [(name, {"unit": options["unit"], "indices": [d["index"] for d in details["dropped"]]})]
-            decode_calibration = None
+            indices = [d["index"] for d in details["dropped"]]
+            compensate = options.get("mean_compensation", False)
+            decode_steps = [(name, {"unit": options["unit"], "indices": indices, "mean_compensation": compensate})]
+            decode_calibration = CalibrationData.from_zoo("smollm2-135m", "decode") if compensate else None
         else:
             decode_steps, decode_calibration = [(name, options)], CalibrationData.from_zoo("smollm2-135m", "decode")
         pruned_decode, _ = _prune(decode, decode_steps, decode_calibration, tmp / label / "decode")
