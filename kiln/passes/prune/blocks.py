@@ -91,7 +91,7 @@ class BlocksOptions:
 
 @register("prune.blocks")
 class PruneBlocks(KilnPass):
-    """Drop transformer blocks, or attention or MLP sublayers, by Block Influence (or last / random baselines)."""
+    """Drop transformer blocks, or attention or MLP sublayers, by Block Influence or output error (or baselines)."""
 
     Options = BlocksOptions
     needs_calibration = True
