@@ -195,6 +195,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from kiln.compiler.inspect import inspect_model
 
+    if args.structure:
+        return _print_structure(args)
     info = inspect_model(args.model)
     if args.json:
         _print_json(info)
@@ -222,6 +224,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for op, count in info["ops"].items():
         ops.add_row(op, str(count))
     out.print(ops)
+    return 0
+
+
+def _print_structure(args: argparse.Namespace) -> int:
+    from kiln.compiler.inspect import inspect_structure
+
+    info = inspect_structure(args.model)
+    if args.json:
+        _print_json(info)
+        return 0
+    layers = info.pop("layers")
+    parts = [f"{info['blocks']} transformer blocks", f"{info['norm']}-norm"]
+    if info["attention_sublayers"]:
+        kv = f", {info['kv_heads']} KV heads" if info["kv_heads"] != info["heads"] else ""
+        parts += [f"hidden {info['hidden']}", f"heads {info['heads']} x {info['head_dim']}{kv}"]
+    if info["mlp_sublayers"]:
+        parts.append(f"{info['mlp']} MLP of width {info['mlp_width']}")
+    if info.get("kv_cache"):
+        parts.append("KV cache inputs/outputs")
+    if info["attention_sublayers"] != info["blocks"] or info["mlp_sublayers"] != info["blocks"]:
+        parts.append(f"{info['attention_sublayers']} attention and {info['mlp_sublayers']} MLP sublayers")
+    out.print(f"{info['path']}: {', '.join(parts)}")
+    table = Table(title="blocks (residual stream in -> attention -> MLP)")
+    for col in ("block", "input", "Q / K / V / O", "MLP", "output"):
+        table.add_column(col)
+    for layer in layers:
+        att, mlp = layer.get("attention"), layer.get("mlp")
+        inner = [mlp[k]["node"] for k in ("gate", "up") if k in mlp] if mlp else []
+        table.add_row(
+            str(layer["index"]),
+            layer["input"],
+            " / ".join(att[k]["node"] for k in "qkvo") if att else "-",
+            f"{' + '.join(inner)} -> {mlp['down']['node']}" if mlp else "-",
+            (mlp or att)["output"],
+        )
+    out.print(table)
     return 0
 
 
@@ -426,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="ops, constant elements and bytes by dtype, opsets, inputs and outputs")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--structure", action="store_true", help="transformer blocks, attention and MLP sublayers, residual stream"
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")

@@ -76,3 +76,17 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         "subgraphs": sum(1 for _ in model.graphs()) - 1,
         "functions": len(model.functions),
     }
+
+
+def inspect_structure(path: str | Path) -> dict[str, Any]:
+    """The transformer structure of the model at ``path`` (blocks, attention and MLP sublayers, residual stream).
+
+    Raises :class:`kiln.passes.prune.structure.StructureError` when the graph is not a recognized transformer.
+    """
+    from kiln.passes.prune.structure import StructureError, find_structure
+
+    try:
+        structure = find_structure(io.load(Path(path)))
+    except StructureError as e:
+        raise StructureError(f"{path}: {e}") from None
+    return {"path": str(path)} | structure.describe()

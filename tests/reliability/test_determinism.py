@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import kiln
@@ -29,12 +30,36 @@ def without_timings(value: Any) -> Any:
     return value
 
 
+def _cnn(rng: np.random.Generator) -> ir.Model:
+    """x [N, 8, 6, 6] -> Conv 1x1 (32) -> Relu -> Conv 1x1 (8) -> y."""
+    x = testing.value("x", ["n", 8, 6, 6])
+    w1 = testing.initializer("w1", rng.standard_normal((32, 8, 1, 1)).astype(np.float32))
+    w2 = testing.initializer("w2", rng.standard_normal((8, 32, 1, 1)).astype(np.float32))
+    first = ir.node("Conv", [x, w1], name="c1")
+    relu = ir.node("Relu", first.outputs, name="relu")
+    last = ir.node("Conv", [relu.outputs[0], w2], name="c2")
+    for node in (first, relu, last):
+        node.outputs[0].name = node.name
+    y = last.outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["n", 8, 6, 6])
+    return testing.model([x], [y], [first, relu, last], [w1, w2], name="cnn")
+
+
 @pytest.mark.parametrize("recipe", recipes.builtin_names())
 def test_compiling_twice_gives_identical_bytes(tmp_path: Path, recipe: str):
-    # K = 128 = every recipe's group size, so each weight is really quantized (or factored).
-    source = kiln.save(testing.mlp([128, 64, 16], seed=3), tmp_path / "in" / "model.onnx")
     rng = np.random.default_rng(0)
-    calibration = kiln.CalibrationData([{"x": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(2)])
+    if recipe.startswith("prune-filters"):  # a conv chain
+        source = kiln.save(_cnn(rng), tmp_path / "in" / "model.onnx")
+        calibration = kiln.CalibrationData(
+            [{"x": rng.standard_normal((2, 8, 6, 6)).astype(np.float32)} for _ in range(2)]
+        )
+    elif recipe.startswith("prune-"):  # structured pruning needs a transformer
+        source = testing.write_llama(tmp_path / "in", layers=5, hidden=128, intermediate=256, vocab=64, heads=8)
+        calibration = kiln.CalibrationData([{"input_ids": rng.integers(0, 64, (2, 16))} for _ in range(2)])
+    else:
+        # K = 128 = every recipe's group size, so each weight is really quantized (or factored).
+        source = kiln.save(testing.mlp([128, 64, 16], seed=3), tmp_path / "in" / "model.onnx")
+        calibration = kiln.CalibrationData([{"x": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(2)])
     outputs = []
     for run in ("a", "b"):
         out_dir = tmp_path / run

@@ -1,0 +1,286 @@
+"""``prune.blocks``: drop whole transformer blocks, or only their attention or only their MLP sublayers.
+
+Math. A sublayer maps the residual stream ``h`` to ``h' = h + f(h)`` (pre-norm) or ``h' = LN(h + f(h))``
+(post-norm). Dropping it sets ``h' = h``: every reader of ``h'`` reads ``h`` instead, and the branch ``f`` (with
+its norm, projections and weights) is left dead and removed. A block is its attention and MLP sublayers together.
+
+Which units go (``importance``):
+
+* ``"block_influence"`` (ShortGPT): ``BI = 1 - cos(h, h')``, the mean over calibration tokens of how much the unit
+  turns the residual stream; the ``count`` units of lowest BI are dropped. Needs calibration data.
+* ``"output_error"``: the measured effect on the model's outputs of dropping each unit alone,
+  ``sum_outputs ||y - y_0||^2 / ||y_0||^2`` averaged over the first ``error_feeds`` calibration batches; the units
+  whose removal changes the outputs least go. Each unit gets a gate in a temporary copy of the graph,
+  ``h' = h + g (f(h) - h)`` with ``g`` a scalar input, and ONNX Runtime runs once per unit and batch with that
+  unit's gate at 0.
+* ``"last"``: the last ``count`` units; ``"random"``: ``count`` units drawn with ``seed`` (the baselines).
+
+With ``mean_compensation`` a dropped sublayer leaves its mean output behind instead of nothing (FLAP's bias
+compensation, applied to a whole sublayer): the residual Add reads the constant ``E[f(h)]``, averaged over the
+calibration tokens, in place of the branch, so ``h' = h + E[f(h)]`` (``LN(h + E[f(h)])`` post-norm).
+
+In a decode graph, an attention sublayer's KV cache goes with it: its ``past`` inputs and ``present`` outputs are
+removed from the graph's signature (shape reads of a removed ``past`` input, e.g. for the past length, are moved to
+a kept one of the same layout). Details record every unit's score, what was dropped and why, and the parameter
+counts before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler import io
+from kiln.compiler.calibration import CalibrationData, Feed, Reducer
+from kiln.compiler.registry import register
+from kiln.errors import KilnError
+from kiln.passes import _weights
+from kiln.passes._base import KilnPass
+from kiln.passes.prune import _edit
+from kiln.passes.prune._stats import ChannelMoments, CosineGap
+from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
+from kiln.targets.ort.runner import make_session
+
+
+@dataclasses.dataclass
+class BlocksOptions:
+    """Options of ``prune.blocks``.
+
+    * ``unit``: "block" (attention + MLP), "attention" or "mlp" sublayers.
+    * ``indices``: drop exactly these units (0-based; e.g. chosen on the full graph and applied to its decode graph);
+      else ``count`` units when it is > 0; else ``fraction`` of them, rounded to the nearest count.
+    * ``importance``: "block_influence" or "output_error" (both need calibration), "last" or "random"; not used
+      with ``indices``.
+    * ``seed``: for ``importance = "random"``.
+    * ``error_feeds``: calibration batches used by ``importance = "output_error"``.
+    * ``mean_compensation``: a dropped sublayer is replaced by its mean output (needs calibration).
+    """
+
+    unit: Literal["block", "attention", "mlp"] = "block"
+    count: int = 0
+    fraction: float = 0.25
+    importance: Literal["block_influence", "output_error", "last", "random"] = "block_influence"
+    seed: int = 0
+    error_feeds: int = 2
+    mean_compensation: bool = False
+    indices: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("block", "attention", "mlp"):
+            raise ValueError(f"unit must be 'block', 'attention' or 'mlp', got {self.unit!r}")
+        if self.importance not in ("block_influence", "output_error", "last", "random"):
+            raise ValueError(
+                f"importance must be 'block_influence', 'output_error', 'last' or 'random', got {self.importance!r}"
+            )
+        if self.error_feeds < 1:
+            raise ValueError(f"error_feeds must be >= 1, got {self.error_feeds}")
+        if self.count < 0:
+            raise ValueError(f"count must be >= 0, got {self.count}")
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1), got {self.fraction}")
+        if self.count and self.indices:
+            raise ValueError("give count or indices, not both")
+        if len(set(self.indices)) != len(self.indices) or any(i < 0 for i in self.indices):
+            raise ValueError(f"indices must be distinct and >= 0, got {self.indices}")
+
+
+@register("prune.blocks")
+class PruneBlocks(KilnPass):
+    """Drop transformer blocks, or attention or MLP sublayers, by Block Influence or output error (or baselines)."""
+
+    Options = BlocksOptions
+    needs_calibration = True
+
+    def requires(self, model: ir.Model) -> None:
+        opts = self.options
+        if (opts.importance in ("block_influence", "output_error") and not opts.indices) or opts.mean_compensation:
+            super().requires(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        structure = find_structure(model)
+        units = _units(structure, opts.unit)
+        count = opts.count or len(opts.indices) or round(opts.fraction * len(units))
+        if any(i >= len(units) for i in opts.indices):
+            raise KilnError(f"prune.blocks: indices {opts.indices} out of range for {len(units)} {opts.unit} units")
+        if count == 0:
+            self.details = {"dropped": [], "reason": f"fraction {opts.fraction} of {len(units)} units rounds to 0"}
+            return ir.passes.PassResult(model, modified=False)
+        if count >= len(units):
+            raise KilnError(f"prune.blocks: cannot drop {count} of the model's {len(units)} {opts.unit} units")
+        scores = None if opts.indices else self._scores(model, units)
+        drop = sorted(opts.indices) if opts.indices else sorted(self._order(units, scores)[:count])
+        before = parameter_count(model)
+        dropped_sublayers = [sub for i in drop for sub in units[i]]
+        if opts.mean_compensation:
+            _compensate(model, dropped_sublayers, self.context.calibration)
+        else:  # last first: a dropped sublayer's output may be the residual input of the next dropped one
+            for sublayer in reversed(dropped_sublayers):
+                _bypass(model.graph, sublayer)
+        if any(s.kind == "attention" and s.attention.past for s in dropped_sublayers):
+            _drop_cache(model, structure, [s for s in dropped_sublayers if s.kind == "attention"])
+        _edit.finish(model)
+        self.details = {
+            "unit": opts.unit,
+            "importance": opts.importance,
+            "units": len(units),
+            "dropped": [
+                {"index": i, "score": scores[i] if scores else None, "outputs": [s.output.name for s in units[i]]}
+                for i in drop
+            ],
+            "reason": "given by option 'indices'" if opts.indices else _reason(opts.importance, opts.seed),
+            "mean_compensation": opts.mean_compensation,
+            "scores": scores,
+            "parameters_before": before,
+            "parameters_after": parameter_count(model),
+        }
+        return ir.passes.PassResult(model, modified=True)
+
+    def _scores(self, model: ir.Model, units: list[tuple[Sublayer, ...]]) -> list[float] | None:
+        if self.options.importance == "output_error":
+            assert self.context.calibration is not None  # checked by requires()
+            feeds = list(CalibrationData(lambda: iter(self.context.calibration), limit=self.options.error_feeds))
+            return _output_errors(model, units, feeds)
+        if self.options.importance != "block_influence":
+            return None
+        assert self.context.calibration is not None  # checked by requires()
+        gaps = [CosineGap() for _ in units]
+        reducers: dict[str, list[Reducer]] = {}
+        for gap, unit in zip(gaps, units, strict=True):
+            reducers.setdefault(unit[0].residual.name, []).append(gap.side("a"))
+            reducers.setdefault(unit[-1].output.name, []).append(gap.side("b"))
+        self.context.calibration.collect(model, reducers)
+        return [gap.value for gap in gaps]
+
+    def _order(self, units: list[tuple[Sublayer, ...]], scores: list[float] | None) -> list[int]:
+        """Unit indices, the first to drop first."""
+        if scores is not None:
+            return sorted(range(len(units)), key=lambda i: scores[i])
+        if self.options.importance == "last":
+            return list(range(len(units)))[::-1]
+        return [int(i) for i in np.random.default_rng(self.options.seed).permutation(len(units))]
+
+
+def _units(structure: Structure, unit: str) -> list[tuple[Sublayer, ...]]:
+    if unit == "block":
+        return [block.sublayers() for block in structure.blocks]
+    return [(s,) for s in (structure.attentions() if unit == "attention" else structure.mlps())]
+
+
+def _reason(importance: str, seed: int) -> str:
+    if importance == "block_influence":
+        return "lowest Block Influence (1 - cosine of the residual stream before and after, on calibration data)"
+    if importance == "output_error":
+        return "smallest change of the model's outputs when dropped alone (relative squared error, calibration data)"
+    if importance == "last":
+        return "the last units (baseline)"
+    return f"drawn at random with seed {seed} (baseline)"
+
+
+def _compensate(model: ir.Model, sublayers: list[Sublayer], calibration: CalibrationData) -> None:
+    """Each sublayer's residual Add reads its branch's mean over the calibration tokens instead of the branch."""
+    moments = {s.branch: ChannelMoments() for s in sublayers}
+    calibration.collect(model, {value.name: [reducer] for value, reducer in moments.items()})
+    names = _weights.NameScope(model)
+    for sublayer in sublayers:
+        branch = sublayer.branch
+        mean = moments[branch].mean.astype(_NUMPY.get(branch.dtype, np.float32))
+        constant = _weights.add_initializer(model.graph, names.fresh(f"{sublayer.add.name}.mean_branch"), mean)
+        index = next(i for i, v in enumerate(sublayer.add.inputs) if v is branch)
+        sublayer.add.replace_input_with(index, constant)
+
+
+def _bypass(graph: ir.Graph, sublayer: Sublayer) -> None:
+    """Every reader of the sublayer's output reads its residual input instead."""
+    output, residual = sublayer.output, sublayer.residual
+    if output.is_graph_output():
+        identity = ir.node("Identity", [residual], name=f"{sublayer.add.name}.bypass")
+        graph.insert_after(sublayer.output.producer(), identity)
+        output.replace_all_uses_with(identity.outputs[0], replace_graph_outputs=True)
+        name, output.name = output.name, None
+        identity.outputs[0].name, identity.outputs[0].type, identity.outputs[0].shape = name, output.type, output.shape
+    else:
+        output.replace_all_uses_with(residual)
+
+
+def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) -> None:
+    """Remove the KV-cache inputs and outputs of dropped attention sublayers from the graph's signature."""
+    graph = model.graph
+    gone = {id(s) for s in dropped}
+    kept = [s.attention for s in structure.attentions() if id(s) not in gone]
+    if not kept:
+        raise KilnError("prune.blocks: dropping every attention sublayer of a decode graph leaves no KV cache")
+    for sublayer in dropped:
+        attention = sublayer.attention
+        for present in attention.present:
+            graph.outputs.remove(present)
+        for role, past in enumerate(attention.past):
+            substitute = kept[0].past[role] if role < len(kept[0].past) else kept[0].past[0]
+            for use in list(past.uses()):
+                if use.node.op_type == "Shape":
+                    use.node.replace_input_with(use.idx, substitute)
+    _edit.finish(model)  # the cache's Concat nodes are dead now
+    for sublayer in dropped:
+        for past in sublayer.attention.past:
+            if past.uses():
+                user = past.uses()[0].node
+                raise KilnError(
+                    f"prune.blocks: KV-cache input {past.name!r} is still read by {user.op_type} node {user.name!r}"
+                )
+            graph.inputs.remove(past)
+
+
+def _output_errors(model: ir.Model, units: list[tuple[Sublayer, ...]], feeds: list[Feed]) -> list[float]:
+    """Relative squared change of all float outputs when each unit alone is dropped, summed over ``feeds``."""
+    graph = model.graph
+    names = _weights.NameScope(model)
+    gates, undo = [], []
+    gated_values: dict[ir.Value, ir.Value] = {}
+    for unit in units:
+        residual, output = unit[0].residual, unit[-1].output
+        residual = gated_values.get(residual, residual)  # the previous unit's gated output
+        uses = list(output.uses())
+        dtype = output.dtype or ir.DataType.FLOAT
+        gate = ir.Value(name=names.fresh("kiln_prune_gate"), type=ir.TensorType(dtype), shape=ir.Shape([]))
+        delta = ir.node("Sub", [output, residual], name=names.fresh("kiln_prune_gate.sub"))
+        scaled = ir.node("Mul", [delta.outputs[0], gate], name=names.fresh("kiln_prune_gate.mul"))
+        gated = ir.node("Add", [residual, scaled.outputs[0]], name=names.fresh("kiln_prune_gate.add"))
+        for node in (delta, scaled, gated):
+            node.outputs[0].name = names.fresh(f"{node.name}.out")
+        graph.insert_after(output.producer(), [delta, scaled, gated])
+        for use in uses:
+            use.node.replace_input_with(use.idx, gated.outputs[0])
+        graph.inputs.append(gate)
+        gates.append(gate)
+        gated_values[output] = gated.outputs[0]
+        undo.append((output, gated.outputs[0], [delta, scaled, gated]))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
+            path = io.save(model, Path(tmp) / "gated.onnx")
+            session = make_session(path)
+    finally:
+        for output, gated, nodes in reversed(undo):
+            gated.replace_all_uses_with(output)
+            graph.remove(nodes, safe=True)
+        for gate in gates:
+            graph.inputs.remove(gate)
+    outputs = [o.name for o in session.get_outputs() if "float" in o.type]
+    ones = {gate.name: np.ones((), _NUMPY[gate.dtype]) for gate in gates}
+    errors = np.zeros(len(units))
+    for feed in feeds:
+        reference = session.run(outputs, {**feed, **ones})
+        for i, gate in enumerate(gates):
+            got = session.run(outputs, {**feed, **ones, gate.name: np.zeros((), _NUMPY[gate.dtype])})
+            errors[i] += sum(
+                float(np.sum((g.astype(np.float64) - r) ** 2) / max(np.sum(r.astype(np.float64) ** 2), 1e-300))
+                for g, r in zip(got, reference, strict=True)
+            )
+    return [float(e / len(feeds)) for e in errors]
+
+
+_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64}

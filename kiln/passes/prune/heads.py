@@ -1,0 +1,264 @@
+"""``prune.heads``: remove attention heads, slicing Q, K, V and O and rewriting the head counts.
+
+Math. With ``d`` the head size, head ``h`` owns columns ``[h d, (h + 1) d)`` of ``W_q``, ``W_k``, ``W_v`` (and of
+their biases) and the same rows of ``W_o``; the attention output is ``sum_h c_h W_o[h]`` over heads' contexts
+``c_h`` [tokens, d]. Removing head ``h`` deletes those columns and rows, so Q, K, V and the merged context get
+``d`` narrower and the Reshape splitting them into heads gets one head fewer (a constant head count in a Reshape's
+shape, or in the Concat building it, is rewritten; ``-1`` needs nothing).
+
+Importance (``activation``): the expected squared norm of the head's contribution to O's output, from calibration
+statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross terms dropped).
+Allocation: ``uniform`` keeps the same number of heads in every layer (the ``heads`` option, or ``1 - ratio`` of
+them); ``global`` ranks all heads of the model by ``s_h / E||r||^2``, with ``r`` the residual stream entering the
+sublayer, so a head's score is how much it moves the stream, and removes ``ratio`` of them (at least ``min_heads``
+stay per layer).
+
+Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
+to O's bias (a bias Add is inserted when O has none), so the output keeps its mean.
+
+Grouped-query attention (query heads sharing KV heads) is refused with a KilnError naming the attention.
+Details record per layer the heads kept and removed with their scores, and the parameter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.calibration import Reducer
+from kiln.compiler.registry import register
+from kiln.errors import KilnError
+from kiln.passes import _weights
+from kiln.passes._base import KilnPass
+from kiln.passes.prune import _edit
+from kiln.passes.prune._stats import ChannelMoments
+from kiln.passes.prune.structure import Attention, Sublayer, find_structure, parameter_count
+
+
+@dataclasses.dataclass
+class HeadsOptions:
+    """Options of ``prune.heads``.
+
+    * ``heads``: heads to keep in every layer (uniform allocation); 0 to use ``ratio`` instead.
+    * ``ratio``: fraction of the heads to remove (per layer with "uniform", over the model with "global").
+    * ``allocation``: "uniform" or "global" (by importance relative to the residual stream, see the module doc).
+    * ``min_heads``: heads every layer keeps at least, with "global".
+    * ``bias_compensation``: fold the removed heads' mean output into O's bias.
+    """
+
+    heads: int = 0
+    ratio: float = 0.25
+    allocation: Literal["uniform", "global"] = "uniform"
+    min_heads: int = 1
+    bias_compensation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.heads < 0:
+            raise ValueError(f"heads must be >= 0, got {self.heads}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+        if self.heads and self.allocation == "global":
+            raise ValueError("heads (a per-layer count) goes with allocation='uniform'; use ratio with 'global'")
+        if self.min_heads < 1:
+            raise ValueError(f"min_heads must be >= 1, got {self.min_heads}")
+
+
+@register("prune.heads")
+class PruneHeads(KilnPass):
+    """Remove attention heads by activation-weighted importance, slicing Q/K/V/O, with FLAP bias compensation."""
+
+    Options = HeadsOptions
+    needs_calibration = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        sublayers = find_structure(model).attentions()
+        if not sublayers:
+            raise KilnError("prune.heads: the model has no attention sublayers left")
+        for sublayer in sublayers:
+            attention = sublayer.attention
+            if attention.num_kv_heads != attention.num_heads:
+                raise KilnError(
+                    f"prune.heads: attention at Softmax {attention.softmax.name!r} uses grouped-query attention "
+                    f"({attention.num_heads} query heads share {attention.num_kv_heads} KV heads), which prune.heads "
+                    "does not slice"
+                )
+            if attention.past:
+                raise KilnError(
+                    f"prune.heads: attention at Softmax {attention.softmax.name!r} reads a KV cache "
+                    f"({attention.past[0].name!r}); prune the full graph instead"
+                )
+        contexts, streams = self._statistics(model, sublayers)
+        scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
+        removed = self._allocate(sublayers, scores, streams)
+        before = parameter_count(model)
+        shapes = _Shapes(_weights.NameScope(model))
+        layers = []
+        for index, (sublayer, score, drop) in enumerate(zip(sublayers, scores, removed, strict=True)):
+            attention = sublayer.attention
+            layers.append(
+                {
+                    "layer": index,
+                    "softmax": attention.softmax.name,
+                    "heads_before": attention.num_heads,
+                    "heads_kept": attention.num_heads - len(drop),
+                    "removed": sorted(drop),
+                    "scores": [float(s) for s in score],
+                }
+            )
+            if drop:
+                _remove_heads(attention, sorted(drop), contexts[attention.o.input], opts.bias_compensation, shapes)
+        _edit.finish(model)
+        self.details = {
+            "importance": "activation: sum over the head's channels of E[x^2] * ||W_o row||^2",
+            "allocation": opts.allocation,
+            "bias_compensation": opts.bias_compensation,
+            "heads_kept": [layer["heads_kept"] for layer in layers],
+            "layers": layers,
+            "parameters_before": before,
+            "parameters_after": parameter_count(model),
+        }
+        return ir.passes.PassResult(model, modified=any(removed))
+
+    def _statistics(
+        self, model: ir.Model, sublayers: list[Sublayer]
+    ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments]]:
+        assert self.context.calibration is not None  # checked by requires()
+        contexts = {s.attention.o.input: ChannelMoments() for s in sublayers}
+        streams = {s.residual: ChannelMoments() for s in sublayers}
+        reducers: dict[str, list[Reducer]] = {}
+        for value, reducer in [*contexts.items(), *streams.items()]:
+            reducers.setdefault(value.name, []).append(reducer)
+        self.context.calibration.collect(model, reducers)
+        return contexts, streams
+
+    def _allocate(
+        self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]
+    ) -> list[set[int]]:
+        """The heads to remove, per layer."""
+        opts = self.options
+        if opts.allocation == "uniform":
+            removed = []
+            for score in scores:
+                n = len(score)
+                keep = opts.heads if opts.heads else n - round(opts.ratio * n)
+                if not 1 <= keep <= n:
+                    raise KilnError(f"prune.heads: cannot keep {keep} of {n} heads per layer")
+                removed.append({int(h) for h in np.argsort(score, kind="stable")[: n - keep]})
+            return removed
+        relative = [score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores, strict=True)]
+        total = sum(len(score) for score in scores)
+        budget = round(opts.ratio * total)
+        candidates = sorted((float(r), layer, h) for layer, rel in enumerate(relative) for h, r in enumerate(rel))
+        removed = [set() for _ in scores]
+        for _, layer, head in candidates:
+            if budget == 0:
+                break
+            if len(scores[layer]) - len(removed[layer]) > opts.min_heads:
+                removed[layer].add(head)
+                budget -= 1
+        return removed
+
+
+def _scores(attention: Attention, context: ChannelMoments) -> np.ndarray:
+    w_o = _edit.weight_array(attention.o.weight).astype(np.float64)
+    per_channel = context.mean_square * (w_o * w_o).sum(axis=1)
+    return per_channel.reshape(attention.num_heads, attention.head_dim).sum(axis=1)
+
+
+def _remove_heads(
+    attention: Attention, drop: list[int], context: ChannelMoments, compensate: bool, shapes: _Shapes
+) -> None:
+    names = shapes.names
+    d, heads = attention.head_dim, attention.num_heads
+    kept_heads = heads - len(drop)
+    dropped_channels = np.concatenate([np.arange(h * d, (h + 1) * d) for h in drop])
+    keep = _edit.keep_indices(heads * d, set(dropped_channels.tolist()))
+    # Head counts first: the Reshape nodes are found from the projections' outputs, which slicing keeps.
+    for projection in (attention.q, attention.k, attention.v):
+        for use in list(projection.output.uses()):
+            if use.node.op_type == "Reshape" and use.idx == 0:
+                _rewrite_shape(use.node, position=2, old=heads, new=kept_heads, names=shapes)
+    merge = attention.o.input.producer()
+    if merge is not None and merge.op_type == "Reshape":
+        _rewrite_shape(merge, position=-1, old=heads * d, new=kept_heads * d, names=shapes)
+    o = attention.o
+    if compensate:
+        w_o = _edit.weight_array(o.weight).astype(np.float64)
+        delta = context.mean[dropped_channels] @ w_o[dropped_channels]
+        o = _edit.add_to_bias(o, delta, names)
+    for projection in (attention.q, attention.k, attention.v):
+        _edit.slice_projection(projection, keep, axis=1, names=names)
+    _edit.slice_projection(o, keep, axis=0, names=names)
+
+
+def _rewrite_shape(node: ir.Node, *, position: int, old: int, new: int, names: _Shapes) -> None:
+    """Replace ``old`` by ``new`` at ``position`` of a Reshape's target shape (a constant, or a Concat of pieces)."""
+    target = node.inputs[1]
+    array = _weights.constant_array(target)
+    if array is not None:
+        array = np.array(array)
+        if array[position] == old:
+            array[position] = new
+            node.replace_input_with(1, names.constant(target, array))
+            _weights.remove_if_unused(target)
+        elif array[position] not in (-1, new):
+            raise KilnError(f"prune.heads: Reshape {node.name!r} has shape {array.tolist()}, expected {old} or -1")
+        return
+    concat = target.producer()
+    if concat is None or concat.op_type != "Concat":
+        raise KilnError(f"prune.heads: cannot read the target shape of Reshape {node.name!r}")
+    pieces = list(concat.inputs)
+    index = position % len(pieces) if all(_piece_size(p) == 1 for p in pieces) else None
+    if index is None:
+        raise KilnError(f"prune.heads: cannot locate the head count in the shape of Reshape {node.name!r}")
+    piece = _weights.constant_array(pieces[index])
+    if piece is None or piece.item() in (-1, new):
+        return
+    if piece.item() != old:
+        raise KilnError(f"prune.heads: Reshape {node.name!r} shape piece is {piece.item()}, expected {old} or -1")
+    # A new Concat (the old one may be shared with Reshapes of other widths), one per variant: those sharing the
+    # old shape share the new one; the old goes once unused.
+    replacement = names.constant(pieces[index], np.array([new], dtype=piece.dtype))
+    node.replace_input_with(1, names.concat(concat, index, replacement))
+
+
+class _Shapes:
+    """Fresh names, and one new shape constant per (old constant, new content): shared shapes stay shared."""
+
+    def __init__(self, names: _weights.NameScope) -> None:
+        self.names = names
+        self._made: dict[tuple[ir.Value, bytes], ir.Value] = {}
+
+    def fresh(self, base: str) -> str:
+        return self.names.fresh(base)
+
+    def concat(self, concat: ir.Node, index: int, piece: ir.Value) -> ir.Value:
+        """``concat``'s output with input ``index`` replaced by ``piece``, one new Concat per such variant."""
+        key = (concat.outputs[0], piece.name.encode())
+        if key not in self._made:
+            inputs = [piece if i == index else v for i, v in enumerate(concat.inputs)]
+            copy = ir.node("Concat", inputs, attributes={"axis": 0}, name=self.names.fresh(f"{concat.name}.pruned"))
+            copy.outputs[0].name = self.names.fresh(f"{concat.outputs[0].name}.pruned")
+            concat.graph.insert_after(concat, copy)
+            self._made[key] = copy.outputs[0]
+        return self._made[key]
+
+    def constant(self, old: ir.Value, array: np.ndarray) -> ir.Value:
+        key = (old, array.tobytes())
+        if key not in self._made:
+            graph = _weights.defining_graph(old) or old.uses()[0].node.graph
+            self._made[key] = _weights.add_initializer(graph, self.names.fresh(old.name or "shape"), array)
+        return self._made[key]
+
+
+def _piece_size(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None or len(value.shape) != 1 or not isinstance(value.shape[0], int):
+        array = _weights.constant_array(value) if value is not None else None
+        return None if array is None else int(array.size)
+    return value.shape[0]

@@ -1,0 +1,154 @@
+"""``prune.mlp``: remove intermediate channels (neurons) of the MLP sublayers, FFN or SwiGLU.
+
+Math. An MLP computes ``y = a W_down (+ b_down)`` from intermediate activations ``a = act(x W_up + b_up)`` or, gated,
+``a = act(x W_gate) * (x W_up)``. Channel ``j`` of ``a`` is column ``j`` of ``W_up`` (and ``W_gate``, and their
+biases) and row ``j`` of ``W_down``; removing it deletes those, and nothing else in the graph changes (the ops
+between are elementwise).
+
+Importance (activation-weighted norm, as in Wanda / FLAP): ``s_j = E[a_j^2] ||W_down[j, :]||^2``, the expected
+squared size of the channel's contribution to the output, from calibration statistics of ``a`` (the down
+projection's input). Allocation: ``uniform`` removes ``ratio`` of the channels of every MLP; ``global`` ranks all
+channels by ``s_j / E||r||^2`` (``r`` the residual stream entering the sublayer) and removes ``ratio`` of all of
+them, keeping at least ``min_ratio`` of each MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM
+kernels) where the MLP is that wide.
+
+Bias compensation (FLAP): the removed channels' mean output ``E[a_removed] W_down[removed]`` is added to the down
+projection's bias (an Add is inserted when it has none). Details record per MLP the width before and after and
+the parameter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.calibration import Reducer
+from kiln.compiler.registry import register
+from kiln.errors import KilnError
+from kiln.passes import _weights
+from kiln.passes._base import KilnPass
+from kiln.passes.prune import _edit
+from kiln.passes.prune._stats import ChannelMoments
+from kiln.passes.prune.structure import Sublayer, find_structure, parameter_count
+
+
+@dataclasses.dataclass
+class MLPOptions:
+    """Options of ``prune.mlp``.
+
+    * ``ratio``: fraction of the intermediate channels to remove.
+    * ``allocation``: "uniform" (the same fraction in every MLP) or "global" (see the module doc).
+    * ``min_ratio``: with "global", the fraction of each MLP's channels that stays at least.
+    * ``multiple_of``: kept widths are rounded to a multiple of this.
+    * ``bias_compensation``: fold the removed channels' mean output into the down projection's bias.
+    """
+
+    ratio: float = 0.25
+    allocation: Literal["uniform", "global"] = "uniform"
+    min_ratio: float = 0.25
+    multiple_of: int = 8
+    bias_compensation: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
+        if self.multiple_of < 1:
+            raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
+
+
+@register("prune.mlp")
+class PruneMLP(KilnPass):
+    """Remove MLP intermediate channels by activation-weighted norm, slicing up/gate/down, with bias compensation."""
+
+    Options = MLPOptions
+    needs_calibration = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        sublayers = find_structure(model).mlps()
+        if not sublayers:
+            raise KilnError("prune.mlp: the model has no MLP sublayers left")
+        inner, streams = self._statistics(model, sublayers)
+        scores = [_scores(s, inner[s.mlp.down.input]) for s in sublayers]
+        removed = self._allocate(sublayers, scores, streams)
+        before = parameter_count(model)
+        names = _weights.NameScope(model)
+        layers = []
+        for index, (sublayer, drop) in enumerate(zip(sublayers, removed, strict=True)):
+            mlp = sublayer.mlp
+            width = mlp.up.shape[1]
+            layers.append({"layer": index, "down": mlp.down.matmul.name, "width": width, "kept": width - len(drop)})
+            if not drop:
+                continue
+            dropped = np.array(sorted(drop), dtype=np.int64)
+            keep = _edit.keep_indices(width, drop)
+            down = mlp.down
+            if opts.bias_compensation:
+                w_down = _edit.weight_array(down.weight).astype(np.float64)
+                down = _edit.add_to_bias(down, inner[down.input].mean[dropped] @ w_down[dropped], names)
+            for projection in mlp.inner:
+                _edit.slice_projection(projection, keep, axis=1, names=names)
+            _edit.slice_projection(down, keep, axis=0, names=names)
+        _edit.finish(model)
+        self.details = {
+            "importance": "activation-weighted norm: E[a_j^2] * ||W_down row j||^2",
+            "allocation": opts.allocation,
+            "bias_compensation": opts.bias_compensation,
+            "widths": [layer["kept"] for layer in layers],
+            "layers": layers,
+            "parameters_before": before,
+            "parameters_after": parameter_count(model),
+        }
+        return ir.passes.PassResult(model, modified=any(removed))
+
+    def _statistics(
+        self, model: ir.Model, sublayers: list[Sublayer]
+    ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments]]:
+        assert self.context.calibration is not None  # checked by requires()
+        inner = {s.mlp.down.input: ChannelMoments() for s in sublayers}
+        streams = {s.residual: ChannelMoments() for s in sublayers}
+        reducers: dict[str, list[Reducer]] = {}
+        for value, reducer in [*inner.items(), *streams.items()]:
+            reducers.setdefault(value.name, []).append(reducer)
+        self.context.calibration.collect(model, reducers)
+        return inner, streams
+
+    def _allocate(
+        self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]
+    ) -> list[set[int]]:
+        opts = self.options
+        if opts.allocation == "uniform":
+            counts = [len(score) - self._width(len(score), len(score) * (1 - opts.ratio)) for score in scores]
+        else:
+            relative = [
+                score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores, strict=True)
+            ]
+            floor = [int(np.ceil(opts.min_ratio * len(score))) for score in scores]
+            budget = round(opts.ratio * sum(len(score) for score in scores))
+            ranked = sorted((float(r), layer) for layer, rel in enumerate(relative) for r in rel)
+            counts = [0] * len(scores)
+            for _, layer in ranked:
+                if budget == 0:
+                    break
+                if len(scores[layer]) - counts[layer] > floor[layer]:
+                    counts[layer] += 1
+                    budget -= 1
+            counts = [len(s) - self._width(len(s), len(s) - c) for s, c in zip(scores, counts, strict=True)]
+        return [{int(j) for j in np.argsort(score, kind="stable")[:count]} for score, count in zip(scores, counts)]
+
+    def _width(self, width: int, wanted: float) -> int:
+        """``wanted`` rounded to a multiple of ``multiple_of`` (at least one multiple, at most ``width``)."""
+        step = self.options.multiple_of if width >= self.options.multiple_of else 1
+        return int(min(width, max(step, step * round(wanted / step))))
+
+
+def _scores(sublayer: Sublayer, inner: ChannelMoments) -> np.ndarray:
+    w_down = _edit.weight_array(sublayer.mlp.down.weight).astype(np.float64)
+    return inner.mean_square * (w_down * w_down).sum(axis=1)
