@@ -16,7 +16,7 @@ Options (both targets):
   input name (wins over ``dims``). Every symbolic dimension needs a value: TVM compiles static shapes.
 * ``mcpu``: the LLVM CPU (``tvm-llvm`` default: the host's, e.g. ``znver3`` with AVX2, ``skylake-avx512``,
   ``sapphirerapids`` with VNNI; ``tvm-aarch64`` default: ``generic`` with NEON); ``num_cores``: threads MetaSchedule
-  schedules for (0: TVM's choice).
+  schedules for (0: this machine's).
 * ``trials``: MetaSchedule trials in all (0: untuned, dlight defaults); ``time_budget_s``: wall-clock budget for
   tuning (0: none); ``database``: the database directory (default: under the kiln cache, per target, model and
   trial budget); ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``: measure candidates on RPC servers.
@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,8 +95,11 @@ class TvmTarget(Target):
     def cpu(self) -> str:
         return self.options.mcpu
 
+    def cores(self) -> int:
+        return self.options.num_cores or (os.cpu_count() or 1)
+
     def tvm_target(self) -> Any:
-        return relax_build.llvm_target(self.mtriple, self.cpu(), self.mattr, self.options.num_cores)
+        return relax_build.llvm_target(self.mtriple, self.cpu(), self.mattr, self.cores())
 
     def _check_size(self, model_file: Path) -> None:
         size_mb = io.model_bytes(model_file) / 2**20

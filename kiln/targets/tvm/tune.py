@@ -34,6 +34,8 @@ from kiln.errors import KilnError, describe
 logger = logging.getLogger("kiln")
 
 MIN_TRIALS_PER_TASK = 8
+#: Seconds one candidate may take to build (this machine is often shared; a build takes well under a second idle).
+BUILD_TIMEOUT_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,21 @@ def _runner(rpc: RpcSpec | None) -> Any:
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=servers)
 
 
+def _builder() -> Any:
+    """A one-process builder whose worker imports TVM's tensor intrinsics once, outside the per-build timeout.
+
+    MetaSchedule's default build imports ``tvm.s_tir.tensor_intrin`` in the worker on its first build; that import
+    parses every intrinsic with TVMScript and took 60-80 s here, so with the default 30 s timeout every build of a
+    fresh worker is killed and retried forever.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    def load_intrinsics() -> None:  # runs in the worker; defined here so it pickles by value
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+
+    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT_S, initializer=load_intrinsics)
+
+
 def tune(
     mod: Any,
     target: Any,
@@ -125,7 +142,7 @@ def tune(
     todo.sort(key=lambda t: -t.weight)
     per_task = max(MIN_TRIALS_PER_TASK, trials // len(todo))
     runner = _runner(rpc)
-    builder = ms.builder.LocalBuilder(max_workers=1)
+    builder = _builder()
     budget_left = trials
     for index, task in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
