@@ -21,6 +21,7 @@ The database lives under the kiln cache, one directory per (target, model, trial
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +35,9 @@ from kiln.errors import KilnError, describe
 logger = logging.getLogger("kiln")
 
 MIN_TRIALS_PER_TASK = 8
+#: Most candidates an evolutionary search round keeps (MetaSchedule's 512 cost minutes per task on 2 cores);
+#: a task tuned with few trials keeps 4 per trial.
+POPULATION = 128
 #: Seconds one candidate may take to build (this machine is often shared; a build takes well under a second idle).
 BUILD_TIMEOUT_S = 60.0
 
@@ -96,12 +100,13 @@ def _runner(rpc: RpcSpec | None) -> Any:
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=servers)
 
 
+@functools.cache
 def _builder() -> Any:
     """A one-process builder whose worker imports TVM's tensor intrinsics once, outside the per-build timeout.
 
     MetaSchedule's default build imports ``tvm.s_tir.tensor_intrin`` in the worker on its first build; that import
     parses every intrinsic with TVMScript and took 60-80 s here, so with the default 30 s timeout every build of a
-    fresh worker is killed and retried forever.
+    fresh worker is killed and retried forever. One builder serves every tuning of the process, paying that once.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -150,7 +155,13 @@ def tune(
             logger.info("tuning: budget spent after %d of %d tasks (%.0f s)", index - 1, len(todo), elapsed)
             break
         n = min(per_task, budget_left)
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts([task], str(work_dir / "logs"))
+        population = min(POPULATION, max(16, 4 * n))
+        strategy = ms.search_strategy.EvolutionarySearch(
+            population_size=population, init_min_unmeasured=population // 4
+        )
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [task], str(work_dir / "logs"), strategy=strategy
+        )
         if not contexts:
             continue
         task_start = time.perf_counter()
