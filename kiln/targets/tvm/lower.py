@@ -54,7 +54,8 @@ def static_input_shapes(
     unknown = sorted(set(input_shapes) - names)
     if unknown:
         raise KilnError(f"input_shapes names {unknown[0]!r}, not an input of the model (inputs: {sorted(names)})")
-    shapes, missing = {}, []
+    shapes: dict[str, list[int]] = {}
+    missing: dict[str, list[str]] = collections.defaultdict(list)
     for value in model.graph.inputs:
         model_dims = list(value.shape) if value.shape is not None else []
         if value.name in input_shapes:
@@ -70,13 +71,17 @@ def static_input_shapes(
             elif d.value is not None and d.value in dims:
                 resolved.append(int(dims[d.value]))
             else:
-                missing.append(f"{value.name!r} dimension {d.value or '?'}")
+                missing[d.value or "?"].append(value.name)
                 resolved.append(-1)
         shapes[value.name] = resolved
     if missing:
+        named = [
+            f"dimension {dim} (input {users[0]!r}" + (f" and {len(users) - 1} more)" if len(users) > 1 else ")")
+            for dim, users in missing.items()
+        ]
         raise KilnError(
             "TVM compiles static shapes; give a value for "
-            + ", ".join(missing)
+            + ", ".join(named)
             + " (target option dims = {name = value}, or input_shapes = {input = [d1, d2, ...]})"
         )
     return shapes
