@@ -20,7 +20,7 @@ from kiln.errors import KilnError, describe
 logger = logging.getLogger("kiln")
 
 
-def llvm_target(mtriple: str, mcpu: str, mattr: list[str] | None = None, num_cores: int = 0) -> Any:
+def llvm_target(mtriple: str, mcpu: str, mattr: tuple[str, ...] = (), num_cores: int = 0) -> Any:
     """A TVM LLVM target with an explicit triple (without one, TVM ignores ``mcpu`` and emits generic x86)."""
     import tvm
 

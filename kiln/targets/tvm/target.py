@@ -84,7 +84,7 @@ class TvmTarget(Target):
 
     Options = TvmOptions
     mtriple: ClassVar[str]
-    mattr: ClassVar[list[str]] = []
+    mattr: ClassVar[tuple[str, ...]] = ()
 
     def check(self) -> None:
         try:
