@@ -91,6 +91,8 @@ class TvmTarget(Target):
             import tvm  # noqa: F401
         except ImportError as e:
             raise KilnError(f"{self.name} needs apache-tvm (pip install apache-tvm): {e}") from None
+        if self.options.trials and self.options.rpc_tracker:
+            tune.RpcSpec.parse(self.options.rpc_tracker, self.options.rpc_key).check_reachable()
 
     def cpu(self) -> str:
         return self.options.mcpu

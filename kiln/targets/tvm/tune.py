@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ class RpcSpec:
         if not key:
             raise KilnError("tuning over RPC needs the servers' key (option rpc_key)")
         return cls(host, int(port), key)
+
+    def check_reachable(self) -> None:
+        """KilnError at once if nothing listens at the tracker's address (TVM's own client retries for a minute)."""
+        try:
+            socket.create_connection((self.host, self.port), timeout=5).close()
+        except OSError as e:
+            raise KilnError(f"RPC tracker {self.host}:{self.port}: cannot connect ({e.strerror or e})") from None
 
     def servers(self) -> int:
         """Free servers of this key on the tracker (KilnError if the tracker cannot be reached)."""
