@@ -19,7 +19,7 @@ Options (both targets):
   schedules for (0: this machine's).
 * ``trials``: MetaSchedule trials in all (0: untuned, dlight defaults); ``time_budget_s``: wall-clock budget for
   tuning (0: none); ``database``: the database directory (default: under the kiln cache, per target, model and
-  trial budget); ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``: measure candidates on RPC servers.
+  budget); ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``: measure candidates on RPC servers.
 * ``max_weight_mb``: refuse larger models before import (default 256): untuned TVM runs large matmuls as plain
   loops, so verifying a model of SmolLM2's size would take hours.
 """
@@ -132,7 +132,7 @@ class TvmTarget(Target):
             work_dir = (
                 Path(opts.database)
                 if opts.database
-                else tune.database_dir(_cache_root(), target, model_key, opts.trials)
+                else tune.database_dir(_cache_root(), target, model_key, opts.trials, opts.time_budget_s)
             )
             database = tune.open_database(work_dir)
             details["tuning"] = tune.tune(

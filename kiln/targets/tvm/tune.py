@@ -3,8 +3,9 @@
 MetaSchedule alone would run new trials on every call, even when its database already holds schedules for every
 task. kiln tunes task by task instead:
 
-* tasks whose workload the database already holds are skipped, so a second compile of the same model with the
-  same database runs zero trials (the report says how many tasks were reused);
+* tasks whose workload the database already holds are skipped, and once a tuning has finished or spent its
+  budget (``kiln_tuning.json`` in the database directory), a later compile with the same database runs zero
+  trials (the report says how many tasks were reused); a tuning that was killed resumes with the tasks left;
 * the trial budget is split evenly over the remaining tasks (at least ``MIN_TRIALS_PER_TASK`` each, so a small
   budget tunes the first tasks properly rather than every task badly), and tuning stops between tasks once the
   wall-clock budget is spent; untuned tasks keep dlight's default schedules;
@@ -14,7 +15,7 @@ Measurement runs locally, or on RPC servers registered with a tracker (:class:`R
 candidate to a free server of the given key, so tuning scales with the number of servers and can target boards
 and phones the compiler does not run on.
 
-The database lives under the kiln cache, one directory per (target, model, trial budget):
+The database lives under the kiln cache, one directory per (target, model, trial and time budget):
 ``<cache>/tvm/<key>/`` with MetaSchedule's ``database_workload.json`` and ``database_tuning_record.json``.
 """
 
@@ -36,6 +37,8 @@ from kiln.errors import KilnError, describe
 logger = logging.getLogger("kiln")
 
 MIN_TRIALS_PER_TASK = 8
+#: Written into the database directory once a tuning finished (or spent its budget): later compiles run no trials.
+DONE_FILE = "kiln_tuning.json"
 #: Most candidates an evolutionary search round keeps (MetaSchedule's 512 cost minutes per task on 2 cores);
 #: a task tuned with few trials keeps 4 per trial.
 POPULATION = 128
@@ -80,9 +83,10 @@ class RpcSpec:
         return int(summary.get("queue_info", {}).get(self.key, {}).get("free", 0))
 
 
-def database_dir(cache: Path, target: Any, model_key: str, trials: int) -> Path:
-    """The database directory for this target, model and trial budget."""
-    text = json.dumps({"target": str(target), "model": model_key, "trials": trials}, sort_keys=True)
+def database_dir(cache: Path, target: Any, model_key: str, trials: int, time_budget_s: float) -> Path:
+    """The database directory for this target, model and budget."""
+    budget = {"trials": trials, "time_budget_s": time_budget_s}
+    text = json.dumps({"target": str(target), "model": model_key, **budget}, sort_keys=True)
     return cache / "tvm" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -139,7 +143,8 @@ def tune(
 
     start = time.perf_counter()
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    todo = [t for t in tasks if not database.has_workload(t.dispatched[0])]
+    done_file = work_dir / DONE_FILE
+    todo = [] if done_file.exists() else [t for t in tasks if not database.has_workload(t.dispatched[0])]
     stats: dict[str, Any] = {
         "tasks": len(tasks),
         "reused_tasks": len(tasks) - len(todo),
@@ -202,6 +207,7 @@ def tune(
             f"{best:.3f} ms" if best is not None else "none",
         )
     stats["seconds"] = time.perf_counter() - start
+    done_file.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
