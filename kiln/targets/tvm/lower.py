@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -243,8 +244,18 @@ def _first_dim(value: ir.Value) -> str | None:
     return dims[0].value if dims and not isinstance(dims[0], int) else None
 
 
-def prepare(model_file: Path, input_shapes: Mapping[str, list[int]], dims: Mapping[str, int]) -> Prepared:
-    """Fix shapes, lower quantized weights, fold, and check every op (see the module docstring)."""
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's constant weights as TVM will hold them (after lowering: mostly float32)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def prepare(
+    model_file: Path, input_shapes: Mapping[str, list[int]], dims: Mapping[str, int], max_weight_mb: float = math.inf
+) -> Prepared:
+    """Fix shapes, lower quantized weights, fold, and check every op (see the module docstring).
+
+    Weights over ``max_weight_mb`` after lowering are a KilnError (checked before folding and import).
+    """
     model = io.load(model_file, check=False)
     firsts = {_first_dim(v) for v in [*model.graph.inputs, *model.graph.outputs]}
     batch_split = len(firsts) == 1 and None not in firsts
@@ -253,6 +264,13 @@ def prepare(model_file: Path, input_shapes: Mapping[str, list[int]], dims: Mappi
     for value in model.graph.inputs:
         value.shape = ir.Shape(shapes[value.name])
     lowered = _lower_quantized(model)
+    size_mb = weight_bytes(model) / 2**20
+    if size_mb > max_weight_mb:
+        raise KilnError(
+            f"{model_file}: {size_mb:.0f} MB of weights once lowered for TVM (quantized weights become float32), over "
+            f"max_weight_mb ({max_weight_mb:.0f}); untuned TVM runs large matmuls as plain loops and tuning such a "
+            "model takes hours on this machine (raise max_weight_mb to try anyway)"
+        )
     onnxscript.optimizer.optimize(model, num_iterations=2)
     check_supported(model, model_file)
     ir.external_data.load_to_model(model)  # the importer reads tensors from the proto, not from disk
