@@ -79,6 +79,7 @@ def test_tuning_through_an_rpc_tracker_with_two_servers(tiny_path: Path, tmp_pat
         time.sleep(0.2)
     assert spec.servers() == 2
     options = {"dims": {"batch": 1}, "trials": TRIALS, "rpc_tracker": f"{host}:{port}", "rpc_key": "kiln-test"}
+    options["database"] = str(tmp_path / "database")  # not the one the local test filled
     result = kiln.compile_model(tiny_path, tmp_path / "out", parse(RECIPE, name="t"), target_options=options)
     tuning = result.report["target"]["tuning"]
     assert tuning["measured_on"] == f"rpc {host}:{port} key kiln-test"
