@@ -192,6 +192,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``kiln compile`` for a TVM target with MetaSchedule options; progress is logged per task."""
+    dims = _parse_target_options(args.dim)
+    options = [f"trials={args.trials}", f"time_budget_s={args.time_budget}"]
+    if dims:
+        options.append("dims={" + ", ".join(f'"{k}" = {v}' for k, v in dims.items()) + "}")
+    if args.rpc_tracker:
+        options += [f'rpc_tracker="{args.rpc_tracker}"', f'rpc_key="{args.rpc_key or ""}"']
+    if args.database:
+        options.append(f'database="{args.database}"')
+    args.target_option = options + (args.target_option or [])
+    args.calib = args.tokenizer = args.input_shape = None
+    args.accept_out_of_tolerance = False
+    logging.getLogger("kiln").setLevel(logging.INFO)
+    return cmd_compile(args)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from kiln.compiler.inspect import inspect_model
 
@@ -460,6 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="compile for a TVM target with MetaSchedule tuning (locally or over RPC)")
+    p.add_argument("model", help="model.onnx, or a zoo name such as minilm-l6")
+    p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--recipe", default="cleanup", help="recipe whose passes run first (its target is replaced)")
+    p.add_argument("--target", default="tvm-llvm", help="tvm-llvm or tvm-aarch64")
+    p.add_argument("--trials", type=int, required=True, help="MetaSchedule trials in all")
+    p.add_argument("--time-budget", type=float, default=0.0, help="tuning wall-clock budget in seconds (0: none)")
+    p.add_argument("--dim", action="append", help="a symbolic dimension's value NAME=N (e.g. batch=1, seq=128)")
+    p.add_argument("--rpc-tracker", help="HOST:PORT of an RPC tracker whose servers measure the candidates")
+    p.add_argument("--rpc-key", help="the key the RPC servers registered under")
+    p.add_argument("--database", help="tuning database directory (default: in the kiln cache)")
+    p.add_argument("--target-option", action="append", help="another target option KEY=VALUE")
+    p.add_argument("--verify-limit", type=int, help="number of verification batches")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("inspect", help="ops, constant elements and bytes by dtype, opsets, inputs and outputs")
     p.add_argument("model")

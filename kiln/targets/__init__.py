@@ -16,8 +16,9 @@ TARGET_FILE = "target.json"
 
 def _registry() -> dict[str, type[Target]]:
     from kiln.targets.ort import OrtCpuTarget, OrtCudaTarget, OrtMobileTarget
+    from kiln.targets.tvm import TvmAarch64Target, TvmLlvmTarget
 
-    return {cls.name: cls for cls in (OrtCpuTarget, OrtMobileTarget, OrtCudaTarget)}
+    return {cls.name: cls for cls in (OrtCpuTarget, OrtMobileTarget, OrtCudaTarget, TvmLlvmTarget, TvmAarch64Target)}
 
 
 def names() -> list[str]:

@@ -1,0 +1,7 @@
+"""Apache TVM targets: ``tvm-llvm`` (this x86-64 CPU) and ``tvm-aarch64`` (cross-compiled for 64-bit ARM)."""
+
+from kiln.targets.tvm.aarch64 import TvmAarch64Target
+from kiln.targets.tvm.runner import TvmRunner
+from kiln.targets.tvm.target import TvmLlvmTarget, TvmOptions, TvmTarget
+
+__all__ = ["TvmAarch64Target", "TvmLlvmTarget", "TvmOptions", "TvmRunner", "TvmTarget"]

@@ -1,0 +1,278 @@
+"""Make a kiln output importable by TVM's ONNX frontend: static shapes, folded shape arithmetic, no quantized weights.
+
+TVM 0.27's importer (``tvm.relax.frontend.onnx.from_onnx``) rejects blocked ``DequantizeLinear``, has no converter
+for ``com.microsoft`` ops, and fails on exported models whose shapes are computed at run time (Shape -> Concat ->
+Reshape chains leave tensors of unknown shape). :func:`prepare` rewrites a copy of the model, in this order:
+
+1. **Shapes**: every symbolic input dimension gets a value, from ``input_shapes`` (whole shapes by input name) or
+   ``dims`` (values by dimension name, e.g. ``batch=1, seq=128``). An unresolved dimension is a :class:`KilnError`
+   naming the input and dimension.
+2. **Quantized weights become float constants** (the cost: the artifact holds fp32 weights, 4x (8-bit) to 8x
+   (4-bit) the bytes of the quantized model, and runs at fp32 speed; the numbers are exactly those ONNX Runtime
+   dequantizes to):
+
+   * ``Y = com.microsoft.MatMulNBits(A, B, scales[, zero_points][, g_idx=None][, bias])`` ->
+     ``Y = MatMul(A, W^T) (+ bias)`` with ``W[n, k] = (q[n, k] - z[n, k // block]) * s[n, k // block]``, the codes
+     unpacked from ``B`` (layout in :mod:`kiln.passes.quantize.pack`), ``z = 2^(bits-1)`` without zero points;
+   * ``DequantizeLinear(x, scale[, zero_point])`` with constant inputs (per-tensor, per-axis or blocked) ->
+     the constant ``(x - zero_point) * scale``, the scale repeated ``block_size`` times along ``axis`` when blocked.
+
+   DequantizeLinear of activations (QDQ patterns) is left to the importer, which lowers per-tensor and per-axis
+   quantization; blocked activation quantization is reported as unsupported.
+3. **Folding**: onnxscript's optimizer folds the now-static shape computations into constants.
+4. **Check**: every remaining op must have a converter in the importer; otherwise one :class:`KilnError` lists
+   the ops and the nodes using them, before any long work.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+
+from kiln.compiler import io
+from kiln.errors import KilnError
+from kiln.passes.quantize.pack import unpack_bits
+
+_STANDARD = ("", "ai.onnx")
+_MS = "com.microsoft"
+#: Nodes listed per unsupported op in the error message.
+_NODES_SHOWN = 3
+
+
+def static_input_shapes(
+    model: ir.Model, input_shapes: Mapping[str, list[int]], dims: Mapping[str, int]
+) -> dict[str, list[int]]:
+    """The fixed shape of every graph input; a dimension neither option resolves is a :class:`KilnError`."""
+    names = {v.name for v in model.graph.inputs}
+    unknown = sorted(set(input_shapes) - names)
+    if unknown:
+        raise KilnError(f"input_shapes names {unknown[0]!r}, not an input of the model (inputs: {sorted(names)})")
+    shapes: dict[str, list[int]] = {}
+    missing: dict[str, list[str]] = collections.defaultdict(list)
+    for value in model.graph.inputs:
+        model_dims = list(value.shape) if value.shape is not None else []
+        if value.name in input_shapes:
+            fixed = list(input_shapes[value.name])
+            if len(fixed) != len(model_dims) or any(isinstance(d, int) and d != f for d, f in zip(model_dims, fixed)):
+                raise KilnError(f"input_shapes: {value.name!r} {fixed} does not fit the model's {_show(model_dims)}")
+            shapes[value.name] = fixed
+            continue
+        resolved = []
+        for d in model_dims:
+            if isinstance(d, int):
+                resolved.append(d)
+            elif d.value is not None and d.value in dims:
+                resolved.append(int(dims[d.value]))
+            else:
+                missing[d.value or "?"].append(value.name)
+                resolved.append(-1)
+        shapes[value.name] = resolved
+    if missing:
+        named = [
+            f"dimension {dim} (input {users[0]!r}" + (f" and {len(users) - 1} more)" if len(users) > 1 else ")")
+            for dim, users in missing.items()
+        ]
+        raise KilnError(
+            "TVM compiles static shapes; give a value for "
+            + ", ".join(named)
+            + " (target option dims = {name = value}, or input_shapes = {input = [d1, d2, ...]})"
+        )
+    return shapes
+
+
+def _show(dims: list) -> str:
+    return "[" + ", ".join(str(d if isinstance(d, int) else d.value) for d in dims) + "]"
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _dequantize_constant(node: ir.Node) -> np.ndarray | None:
+    """``(x - zero_point) * scale`` of a DequantizeLinear whose inputs are all constants, else None."""
+    x, scale = _const(node.inputs[0]), _const(node.inputs[1])
+    zero = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if x is None or scale is None or (len(node.inputs) > 2 and node.inputs[2] is not None and zero is None):
+        return None
+    values = x.astype(np.float32)
+    if zero is not None:
+        zero = zero.astype(np.float32)
+    scale = scale.astype(np.float32)
+    if scale.ndim > 0:  # per-axis (1-D scale) or blocked (scale of x's rank)
+        axis = _attr(node, "axis", 1) % x.ndim
+        block = _attr(node, "block_size", 0)
+        if block:
+            scale = np.repeat(scale, block, axis=axis).take(np.arange(x.shape[axis]), axis=axis)
+            if zero is not None:
+                zero = np.repeat(zero, block, axis=axis).take(np.arange(x.shape[axis]), axis=axis)
+        else:
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            if zero is not None:
+                zero = zero.reshape(shape)
+    if zero is not None:
+        values = values - zero
+    return (values * scale).astype(np.float32)
+
+
+def _matmulnbits_weight(node: ir.Node) -> np.ndarray:
+    """The float ``[K, N]`` weight a MatMulNBits node multiplies by (KilnError if it is not constant)."""
+    k, n = _attr(node, "K", 0), _attr(node, "N", 0)
+    bits, block = _attr(node, "bits", 4), _attr(node, "block_size", 0)
+    packed, scales = _const(node.inputs[1]), _const(node.inputs[2])
+    if packed is None or scales is None:
+        raise KilnError(f"MatMulNBits node {node.name!r}: packed weights and scales must be constants")
+    if len(node.inputs) > 4 and node.inputs[4] is not None:
+        raise KilnError(f"MatMulNBits node {node.name!r}: g_idx (act-order) is not supported by the TVM lowering")
+    n_blocks = -(-k // block)
+    codes = unpack_bits(packed.reshape(n * n_blocks, -1), bits, block).reshape(n, n_blocks * block).astype(np.float32)
+    zero_input = node.inputs[3] if len(node.inputs) > 3 else None
+    if zero_input is None:
+        zero = np.full((n, n_blocks), 2 ** (bits - 1), dtype=np.float32)
+    else:
+        zp = _const(zero_input)
+        if zp is None or zp.dtype != np.uint8:
+            raise KilnError(f"MatMulNBits node {node.name!r}: zero points must be constant uint8")
+        zero = unpack_bits(zp.reshape(n, -1), bits, n_blocks).astype(np.float32)
+    scale = scales.reshape(n, n_blocks).astype(np.float32)
+    weight = (codes.reshape(n, n_blocks, block) - zero[:, :, None]) * scale[:, :, None]
+    return np.ascontiguousarray(weight.reshape(n, n_blocks * block)[:, :k].T)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    value.const_value = ir.Tensor(array, name=name)
+    graph.register_initializer(value)
+    return value
+
+
+def _lower_quantized(model: ir.Model) -> dict[str, int]:
+    """Replace MatMulNBits and constant DequantizeLinear nodes of the main graph by float computations."""
+    graph = model.graph
+    counts: dict[str, int] = collections.Counter()
+    for node in list(graph):
+        if node.domain == _MS and node.op_type == "MatMulNBits":
+            weight = _initializer(graph, f"{node.name or node.outputs[0].name}.tvm_weight", _matmulnbits_weight(node))
+            output = node.outputs[0]
+            matmul = ir.node("MatMul", [node.inputs[0], weight], name=f"{node.name}.matmul")
+            replacement = [matmul]
+            result = matmul.outputs[0]
+            bias = node.inputs[5] if len(node.inputs) > 5 else None
+            if bias is not None:
+                add = ir.node("Add", [result, bias], name=f"{node.name}.bias")
+                replacement.append(add)
+                result = add.outputs[0]
+            result.shape, result.type = output.shape, output.type
+            ir.convenience.replace_nodes_and_values(graph, node, [node], replacement, [output], [result])
+            counts["MatMulNBits"] += 1
+        elif node.domain in _STANDARD and node.op_type == "DequantizeLinear":
+            array = _dequantize_constant(node)
+            if array is None:
+                continue
+            output = node.outputs[0]
+            folded = _initializer(graph, f"{output.name}.tvm_weight", array)
+            output.replace_all_uses_with(folded, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            counts["DequantizeLinear"] += 1
+    return dict(counts)
+
+
+def importer_ops() -> set[str]:
+    """Op types TVM's ONNX frontend converts (default domain)."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return set(onnx_frontend._get_convert_map())
+
+
+def unsupported_nodes(model: ir.Model) -> dict[str, list[str]]:
+    """Nodes (by ``domain.op``) the importer has no converter for, including nodes of subgraphs."""
+    known = importer_ops()
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        op = node.op_type if node.domain in _STANDARD else f"{node.domain}.{node.op_type}"
+        if node.domain not in _STANDARD or node.op_type not in known:
+            found[op].append(node.name or f"{node.op_type}:{node.outputs[0].name if node.outputs else '?'}")
+        elif node.op_type in ("DequantizeLinear", "QuantizeLinear") and _attr(node, "block_size", 0):
+            found[f"{op} (blocked, non-constant)"].append(node.name or node.outputs[0].name)
+    return dict(found)
+
+
+def check_supported(model: ir.Model, path: Path) -> None:
+    """One :class:`KilnError` listing every op (with some of its nodes) that TVM cannot import."""
+    found = unsupported_nodes(model)
+    if found:
+        parts = []
+        for op, nodes in sorted(found.items()):
+            shown = ", ".join(repr(n) for n in nodes[:_NODES_SHOWN])
+            more = f" and {len(nodes) - _NODES_SHOWN} more" if len(nodes) > _NODES_SHOWN else ""
+            parts.append(f"{op} ({len(nodes)} nodes: {shown}{more})")
+        raise KilnError(f"{path}: TVM cannot lower these ops: " + "; ".join(parts))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A model ready for ``from_onnx``, and what the runner needs to know about it."""
+
+    proto: onnx.ModelProto
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    outputs: list[str]
+    #: Every input and output has the same symbolic first dimension: a larger batch can run in compiled-size chunks.
+    batch_split: bool
+    lowered: dict[str, int]
+
+
+def _first_dim(value: ir.Value) -> str | None:
+    dims = list(value.shape) if value.shape is not None else []
+    return dims[0].value if dims and not isinstance(dims[0], int) else None
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's constant weights as TVM will hold them (after lowering: mostly float32)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def prepare(
+    model_file: Path, input_shapes: Mapping[str, list[int]], dims: Mapping[str, int], max_weight_mb: float = math.inf
+) -> Prepared:
+    """Fix shapes, lower quantized weights, fold, and check every op (see the module docstring).
+
+    Weights over ``max_weight_mb`` after lowering are a KilnError (checked before folding and import).
+    """
+    model = io.load(model_file, check=False)
+    firsts = {_first_dim(v) for v in [*model.graph.inputs, *model.graph.outputs]}
+    batch_split = len(firsts) == 1 and None not in firsts
+    shapes = static_input_shapes(model, input_shapes, dims)
+    dtypes = {v.name: str(v.dtype.numpy()) for v in model.graph.inputs}
+    for value in model.graph.inputs:
+        value.shape = ir.Shape(shapes[value.name])
+    lowered = _lower_quantized(model)
+    size_mb = weight_bytes(model) / 2**20
+    if size_mb > max_weight_mb:
+        raise KilnError(
+            f"{model_file}: {size_mb:.0f} MB of weights once lowered for TVM (quantized weights become float32), over "
+            f"max_weight_mb ({max_weight_mb:.0f}); untuned TVM runs large matmuls as plain loops and tuning such a "
+            "model takes hours on this machine (raise max_weight_mb to try anyway)"
+        )
+    onnxscript.optimizer.optimize(model, num_iterations=2)
+    check_supported(model, model_file)
+    ir.external_data.load_to_model(model)  # the importer reads tensors from the proto, not from disk
+    outputs = [v.name for v in model.graph.outputs]
+    return Prepared(ir.serde.serialize_model(model), shapes, dtypes, outputs, batch_split, lowered)

@@ -1,0 +1,93 @@
+"""ONNX -> Relax -> a compiled library, with MetaSchedule records where tuned and dlight defaults elsewhere.
+
+Flow (TVM 0.27): ``from_onnx`` with every weight as a Relax constant (so ``FoldConstant`` sees them and the
+library carries them: there is no separate parameter file to keep in sync) -> the ``zero`` pipeline (legalize to
+TIR, fuse) -> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> dlight's CPU rules (GEMV,
+reductions) for the functions still unscheduled -> ``tvm.compile``. Untuned functions that no dlight rule matches
+(convolutions, large matmuls) stay as plain single-threaded loops: that is what "untuned" costs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import onnx
+
+from kiln.errors import KilnError, describe
+
+logger = logging.getLogger("kiln")
+
+
+def llvm_target(mtriple: str, mcpu: str, mattr: tuple[str, ...] = (), num_cores: int = 0) -> Any:
+    """A TVM LLVM target with an explicit triple (without one, TVM ignores ``mcpu`` and emits generic x86)."""
+    import tvm
+
+    spec: dict[str, Any] = {"kind": "llvm", "mtriple": mtriple}
+    if mcpu:
+        spec["mcpu"] = mcpu
+    if mattr:
+        spec["mattr"] = list(mattr)
+    if num_cores:
+        spec["num-cores"] = num_cores
+    return tvm.target.Target(spec)
+
+
+def host_cpu() -> str:
+    """The host CPU as LLVM names it (``znver3``, ``skylake-avx512``, ...): selects AVX2/AVX-512/VNNI code."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def import_onnx(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> Any:
+    """The Relax module of ``proto`` (static ``shapes``); importer failures become a KilnError naming the cause."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, keep_params_in_input=False)
+    except Exception as e:  # the importer raises anything from ValueError to TVM internal errors
+        raise KilnError(f"TVM's ONNX importer failed: {describe(e)}") from None
+
+
+def legalize(mod: Any, target: Any) -> Any:
+    """Relax -> fused TIR functions (what tuning extracts tasks from and the schedules apply to)."""
+    from tvm import relax
+
+    with target:
+        return relax.get_pipeline("zero")(mod)
+
+
+def schedule(mod: Any, target: Any, database: Any | None) -> Any:
+    """Apply tuned schedules from ``database`` (if any), then dlight defaults to the rest."""
+    from tvm import relax
+    from tvm.s_tir import dlight
+
+    with target:
+        if database is not None:
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction()] if target.kind.name == "llvm" else []
+        if rules:
+            mod = dlight.ApplyDefaultSchedule(*rules)(mod)
+    return mod
+
+
+def compile_module(mod: Any, target: Any) -> Any:
+    """The Relax VM executable of a scheduled module."""
+    import tvm
+
+    try:
+        return tvm.compile(mod, target)
+    except Exception as e:
+        raise KilnError(f"TVM failed to compile the model for {target.attrs.get('mtriple')}: {describe(e)}") from None
+
+
+def count_scheduled(mod: Any) -> tuple[int, int]:
+    """(scheduled, total) TIR functions of ``mod``."""
+    from tvm import tirx
+
+    funcs = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
+    done = sum(1 for f in funcs if f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False)))
+    return done, len(funcs)
