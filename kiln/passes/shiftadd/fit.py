@@ -1,0 +1,179 @@
+"""Binary-coding quantization (BCQ) with power-of-two scales, fitted with GPTQ-style error compensation.
+
+A weight ``W`` [K, N] is cut along K into groups of ``group_size`` rows. In group ``g``, column ``n`` is::
+
+    w ~ sum_{i < q} 2^e[g, n, i] * b_i,     b_i in {-1, +1}^group_size
+
+so its values lie on the ``2^q`` levels ``L_j = sum_i 2^e_i (2 bit_i(j) - 1)``: picking level ``j`` for a weight
+sets plane ``i``'s sign to bit ``i`` of ``j``. Exponents are integers in ``[EXPONENT_MIN, EXPONENT_MAX]``.
+
+Scales of a group (:func:`fit_scales`), per column, minimizing the output-weighted error ``sum_k d_k (w_k - w'_k)^2``
+with ``d = diag(H)`` (the energy of input feature k on the calibration data, so rows that move the output most are
+fitted best):
+
+1. greedy start: ``alpha_i = weighted mean |r|``, ``b_i = sign(r)``, ``r -= alpha_i b_i`` for i = 1..q;
+2. ``iterations`` rounds of alternating updates: alphas by weighted least squares given the signs
+   (``(B^T D B) alpha = B^T D w``), rounded to powers of two in the log domain, then refined one exponent at a time
+   by +-1 while that lowers the error; signs as the nearest level given the exponents. The best exponents seen are
+   kept.
+
+Error compensation (:func:`bcq_gptq`): as in GPTQ (:mod:`kiln.passes.quantize.gptq`), rows are quantized in order
+and the rows not yet quantized absorb each row's error through the upper Cholesky factor ``U`` of ``H^-1``
+(``W[r+1:] -= U[r, r+1:]^T (w_r - q_r) / U[r, r]``). A group's exponents are fitted on its rows as updated so far,
+when its first row is reached; each row then takes, per column, the nearest of the group's levels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kiln.passes.quantize.gptq import _upper_inverse_cholesky, column_chunks
+from kiln.runtime_ops import shiftadd
+
+#: Rows updated one by one inside a group before the rest of the group gets their errors in one product.
+_INNER_ROWS = 32
+
+
+@dataclasses.dataclass
+class BCQWeight:
+    """A fitted weight: level codes [K, N] (bit i = plane i's sign), exponents [groups, N, q]."""
+
+    codes: np.ndarray
+    exponents: np.ndarray
+    group_size: int
+
+    @property
+    def bits(self) -> int:
+        return self.exponents.shape[-1]
+
+    def dequantize(self) -> np.ndarray:
+        """The [K, N] float32 weight the codes and exponents stand for."""
+        levels = level_values(self.exponents)  # [groups, N, 2^q]
+        k = self.codes.shape[0]
+        rows = np.arange(k) // self.group_size
+        return np.take_along_axis(levels[rows], self.codes[..., None].astype(np.int64), axis=-1)[..., 0]
+
+    def pack(self) -> shiftadd.PackedWeight:
+        """The op's packed layout: planes [N, q, ceil(K/8)], exponents [N, q, groups]."""
+        planes = (self.codes.T[:, None, :] >> np.arange(self.bits, dtype=np.uint8)[None, :, None]) & 1
+        return shiftadd.pack(planes.astype(bool), self.exponents.transpose(1, 2, 0), self.group_size)
+
+    def columns(self, cols: slice) -> BCQWeight:
+        return BCQWeight(self.codes[:, cols].copy(), self.exponents[:, cols].copy(), self.group_size)
+
+
+def sign_matrix(bits: int) -> np.ndarray:
+    """``M`` [2^q, q] with ``M[j, i] = 2 bit_i(j) - 1``: level j is ``M[j] @ alpha``."""
+    j = np.arange(1 << bits)[:, None]
+    return (2 * ((j >> np.arange(bits)[None, :]) & 1) - 1).astype(np.float32)
+
+
+def level_values(exponents: np.ndarray) -> np.ndarray:
+    """Levels [..., 2^q] of exponents [..., q]."""
+    alphas = np.ldexp(np.float32(1), exponents.astype(np.int32)).astype(np.float32)
+    return alphas @ sign_matrix(exponents.shape[-1]).T
+
+
+def nearest(w: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Index of the nearest level for ``w`` [rows, N] given ``levels`` [N, 2^q] (ties to the lower index)."""
+    return np.abs(w[..., None] - levels).argmin(axis=-1).astype(np.uint8)
+
+
+def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted squared error per column [N], codes [rows, N]) of ``w`` on the levels of ``exponents`` [N, q]."""
+    levels = level_values(exponents)
+    codes = nearest(w, levels)
+    diff = w - np.take_along_axis(levels[None], codes[..., None].astype(np.int64), axis=-1)[..., 0]
+    return np.einsum("r,rn->n", d, diff * diff), codes
+
+
+def _to_exponents(alphas: np.ndarray) -> np.ndarray:
+    tiny = np.float32(2.0**shiftadd.EXPONENT_MIN)
+    logs = np.rint(np.log2(np.maximum(np.abs(alphas), tiny)))
+    return np.clip(logs, shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX).astype(np.int8)
+
+
+def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int) -> np.ndarray:
+    """Exponents [N, q] for the group ``w`` [rows, N] with row weights ``d`` [rows] (module docstring)."""
+    rows, n = w.shape
+    d = np.asarray(d, dtype=np.float32)
+    d_sum = max(float(d.sum()), 1e-30)
+    residual = w.astype(np.float32).copy()
+    planes = np.empty((rows, n, bits), dtype=np.float32)
+    alphas = np.empty((n, bits), dtype=np.float32)
+    for i in range(bits):
+        alphas[:, i] = d @ np.abs(residual) / d_sum
+        planes[..., i] = np.where(residual >= 0, 1, -1)
+        residual -= alphas[:, i] * planes[..., i]
+    exponents = _to_exponents(alphas)
+    best, codes = _error(w, d, exponents)
+    ridge = np.float32(1e-6) * d_sum * np.eye(bits, dtype=np.float32)
+    signs = sign_matrix(bits)
+    for _ in range(iterations):
+        planes = signs[codes]  # [rows, N, q]
+        gram = np.einsum("r,rni,rnj->nij", d, planes, planes) + ridge
+        rhs = np.einsum("r,rni,rn->ni", d, planes, w)
+        current = _to_exponents(np.linalg.solve(gram, rhs[..., None])[..., 0])
+        error, _ = _error(w, d, current)
+        for i in range(bits):
+            for step in (1, -1):
+                trial = current.copy()
+                trial[:, i] = np.clip(trial[:, i].astype(np.int16) + step, shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX)
+                trial_error, _ = _error(w, d, trial)
+                better = trial_error < error
+                current[better], error[better] = trial[better], trial_error[better]
+        improved = error < best
+        exponents[improved], best[improved] = current[improved], error[improved]
+        _, codes = _error(w, d, exponents)
+    return exponents
+
+
+def bcq_gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+    iterations: int = 4,
+    compensate: bool = True,
+) -> BCQWeight:
+    """BCQ of ``w`` [K, N] with power-of-two scales, fitted against the Gram ``hessian`` [K, K] of its input.
+
+    ``compensate=False`` fits each group on the original rows and takes the nearest level (no error feedback).
+    """
+    k, n = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    diagonal = np.diag(h).copy()
+    diagonal[diagonal == 0] = 1.0
+    work = np.array(w, dtype=np.float32)
+    codes = np.empty((k, n), dtype=np.uint8)
+    n_groups = -(-k // group_size)
+    exponents = np.empty((n_groups, n, bits), dtype=np.int8)
+    if compensate:
+        h[np.diag_indices(k)] = diagonal + damp * float(diagonal.mean())
+        u = _upper_inverse_cholesky(h).astype(np.float32)
+    del h
+    for g in range(n_groups):
+        g0, g1 = g * group_size, min((g + 1) * group_size, k)
+        d = diagonal[g0:g1]
+        for cols in column_chunks(g1 - g0, n):
+            exponents[g, cols] = fit_scales(work[g0:g1, cols], d, bits, iterations)
+        levels = level_values(exponents[g])
+        if not compensate:
+            codes[g0:g1] = nearest(work[g0:g1], levels)
+            continue
+        errors = np.empty((g1 - g0, n), dtype=np.float32)
+        for i0 in range(g0, g1, _INNER_ROWS):
+            i1 = min(i0 + _INNER_ROWS, g1)
+            for r in range(i0, i1):
+                code = nearest(work[r : r + 1], levels)[0]
+                codes[r] = code
+                error = (work[r] - np.take_along_axis(levels, code[:, None].astype(np.int64), axis=1)[:, 0]) / u[r, r]
+                work[r + 1 : i1] -= u[r, r + 1 : i1, None] * error
+                errors[r - g0] = error
+            work[i1:g1] -= u[i0:i1, i1:g1].T @ errors[i0 - g0 : i1 - g0]
+        work[g1:] -= u[g0:g1, g1:].T @ errors
+    return BCQWeight(codes, exponents, group_size)
