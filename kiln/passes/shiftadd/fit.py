@@ -9,7 +9,8 @@ sets plane ``i``'s sign to bit ``i`` of ``j``. Exponents are integers in ``[EXPO
 
 Scales of a group (:func:`fit_scales`), per column, minimizing the output-weighted error ``sum_k d_k (w_k - w'_k)^2``
 with ``d = diag(H)`` (the energy of input feature k on the calibration data, so rows that move the output most are
-fitted best):
+fitted best; the full block ``(w - w')^T H_gg (w - w')`` fitted no better on synthetic correlated inputs, 0.182 vs
+0.182 relative output error at 3 planes, and its small matrix products cost more than the rest of the search):
 
 1. greedy start: ``alpha_i = weighted mean |r|``, ``b_i = sign(r)``, ``r -= alpha_i b_i`` for i = 1..q;
 2. ``iterations`` rounds of alternating updates: alphas by weighted least squares given the signs
@@ -29,11 +30,13 @@ import dataclasses
 
 import numpy as np
 
-from kiln.passes.quantize.gptq import _upper_inverse_cholesky, column_chunks
+from kiln.passes.quantize.gptq import _upper_inverse_cholesky
 from kiln.runtime_ops import shiftadd
 
 #: Rows updated one by one inside a group before the rest of the group gets their errors in one product.
 _INNER_ROWS = 32
+#: Elements of a group fitted at once: temporaries are [rows, columns, 2^q] float32, near 256 MB at 4 planes.
+_FIT_CHUNK = 1 << 22
 
 
 @dataclasses.dataclass
@@ -76,17 +79,29 @@ def level_values(exponents: np.ndarray) -> np.ndarray:
     return alphas @ sign_matrix(exponents.shape[-1]).T
 
 
-def nearest(w: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Index of the nearest level for ``w`` [rows, N] given ``levels`` [N, 2^q] (ties to the lower index)."""
-    return np.abs(w[..., None] - levels).argmin(axis=-1).astype(np.uint8)
+def nearest(w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(level index [rows, N], level value) nearest to ``w`` [rows, N] given ``levels`` [N, 2^q].
+
+    Counts the midpoints between sorted levels that lie below each weight (a weight exactly between two levels takes
+    the lower one): 2^q - 1 comparisons on contiguous [rows, N] arrays, an order of magnitude faster than an argmin
+    of distances over a short trailing axis.
+    """
+    n, count = levels.shape
+    order = np.argsort(levels, axis=-1, kind="stable")
+    ordered = np.take_along_axis(levels, order, axis=-1)
+    midpoints = (ordered[:, 1:] + ordered[:, :-1]) / 2
+    rank = np.zeros(w.shape, dtype=np.uint8)
+    for j in range(count - 1):
+        rank += w > midpoints[:, j]
+    flat = rank + np.arange(n) * count
+    return order.ravel()[flat].astype(np.uint8), ordered.ravel()[flat]
 
 
 def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(weighted squared error per column [N], codes [rows, N]) of ``w`` on the levels of ``exponents`` [N, q]."""
-    levels = level_values(exponents)
-    codes = nearest(w, levels)
-    diff = w - np.take_along_axis(levels[None], codes[..., None].astype(np.int64), axis=-1)[..., 0]
-    return np.einsum("r,rn->n", d, diff * diff), codes
+    """(error ``sum_r d_r (w - w')^2`` per column [N], codes [rows, N]) of ``w`` on the levels of ``exponents``."""
+    codes, values = nearest(w, level_values(exponents))
+    diff = w - values
+    return d @ (diff * diff), codes
 
 
 def _to_exponents(alphas: np.ndarray) -> np.ndarray:
@@ -97,25 +112,24 @@ def _to_exponents(alphas: np.ndarray) -> np.ndarray:
 
 def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int) -> np.ndarray:
     """Exponents [N, q] for the group ``w`` [rows, N] with row weights ``d`` [rows] (module docstring)."""
-    rows, n = w.shape
+    n = w.shape[1]
     d = np.asarray(d, dtype=np.float32)
     d_sum = max(float(d.sum()), 1e-30)
     residual = w.astype(np.float32).copy()
-    planes = np.empty((rows, n, bits), dtype=np.float32)
     alphas = np.empty((n, bits), dtype=np.float32)
     for i in range(bits):
         alphas[:, i] = d @ np.abs(residual) / d_sum
-        planes[..., i] = np.where(residual >= 0, 1, -1)
-        residual -= alphas[:, i] * planes[..., i]
+        residual -= alphas[:, i] * np.where(residual >= 0, 1, -1)
     exponents = _to_exponents(alphas)
     best, codes = _error(w, d, exponents)
     ridge = np.float32(1e-6) * d_sum * np.eye(bits, dtype=np.float32)
     signs = sign_matrix(bits)
     for _ in range(iterations):
         planes = signs[codes]  # [rows, N, q]
-        gram = np.einsum("r,rni,rnj->nij", d, planes, planes) + ridge
-        rhs = np.einsum("r,rni,rn->ni", d, planes, w)
-        current = _to_exponents(np.linalg.solve(gram, rhs[..., None])[..., 0])
+        weighted = planes * d[:, None, None]
+        lhs = np.einsum("rni,rnj->nij", weighted, planes) + ridge
+        rhs = np.einsum("rni,rn->ni", weighted, w)
+        current = _to_exponents(np.linalg.solve(lhs, rhs[..., None])[..., 0])
         error, _ = _error(w, d, current)
         for i in range(bits):
             for step in (1, -1):
@@ -158,20 +172,21 @@ def bcq_gptq(
     del h
     for g in range(n_groups):
         g0, g1 = g * group_size, min((g + 1) * group_size, k)
-        d = diagonal[g0:g1]
-        for cols in column_chunks(g1 - g0, n):
-            exponents[g, cols] = fit_scales(work[g0:g1, cols], d, bits, iterations)
+        step = max(1, _FIT_CHUNK // (g1 - g0))
+        for c0 in range(0, n, step):
+            cols = slice(c0, min(c0 + step, n))
+            exponents[g, cols] = fit_scales(work[g0:g1, cols], diagonal[g0:g1], bits, iterations)
         levels = level_values(exponents[g])
         if not compensate:
-            codes[g0:g1] = nearest(work[g0:g1], levels)
+            codes[g0:g1] = nearest(work[g0:g1], levels)[0]
             continue
         errors = np.empty((g1 - g0, n), dtype=np.float32)
         for i0 in range(g0, g1, _INNER_ROWS):
             i1 = min(i0 + _INNER_ROWS, g1)
             for r in range(i0, i1):
-                code = nearest(work[r : r + 1], levels)[0]
-                codes[r] = code
-                error = (work[r] - np.take_along_axis(levels, code[:, None].astype(np.int64), axis=1)[:, 0]) / u[r, r]
+                code, value = nearest(work[r : r + 1], levels)
+                codes[r] = code[0]
+                error = (work[r] - value[0]) / u[r, r]
                 work[r + 1 : i1] -= u[r, r + 1 : i1, None] * error
                 errors[r - g0] = error
             work[i1:g1] -= u[i0:i1, i1:g1].T @ errors[i0 - g0 : i1 - g0]
