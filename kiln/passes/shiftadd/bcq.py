@@ -148,10 +148,10 @@ class ShiftAddBCQ(KilnPass):
             assert self.context.calibration is not None  # checked by requires()
             passes = stats.collect(self.context.calibration, model, dims, vectors, opts.stats_memory_mb << 20)
             self.details["calibration"] = {"tensors": len(dims), "passes": passes}
-            bits = self._allocate(model, groups, stats, Path(tmp)) if opts.average_bits is not None else {}
+            allocated = self._allocate(model, groups, stats, Path(tmp)) if opts.average_bits is not None else {}
             fitted: dict[MemberKey, tuple[BCQWeight, dict[str, Any]]] = {}
             for group in groups:
-                fitted |= self._fit_group(group, stats, bits)
+                fitted |= self._fit_group(group, stats, allocated)
         self._rewrite(model, main, fitted)
         return ir.passes.PassResult(model, modified=True)
 
@@ -174,30 +174,36 @@ class ShiftAddBCQ(KilnPass):
         return [fitted.columns(slice(a, b)) for a, b in itertools.pairwise(starts)]
 
     def _fit_group(
-        self, group: Group, stats: Statistics, bits: dict[MemberKey, int]
+        self, group: Group, stats: Statistics, allocated: dict[MemberKey, BCQWeight]
     ) -> dict[MemberKey, tuple[BCQWeight, dict[str, Any]]]:
+        """Each member's fit (from the allocation if it made one, else at ``bits``) and its errors."""
         hessian = _hessian(group, stats)
         weights = {key: load_weight(key) for key in group.members}
-        chosen = {key: bits.get(key, self.options.bits) for key in group.members}
+        fits = {key: allocated[key] for key in group.members if key in allocated}
+        rest = [key for key in group.members if key not in fits]
+        if rest:
+            fits |= dict(zip(rest, self._fit([weights[key] for key in rest], hessian, self.options.bits)))
         results = {}
-        for width in sorted(set(chosen.values())):
-            keys = [key for key in group.members if chosen[key] == width]
-            for key, fitted in zip(keys, self._fit([weights[key] for key in keys], hessian, width)):
-                w = weights[key]
-                diff = w.astype(np.float32) - fitted.dequantize()
-                signal = quadratic(hessian, w)
-                info = {
-                    "bits": width,
-                    "weight_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(w), 1e-30)),
-                    "output_rel_error": math.sqrt(quadratic(hessian, diff) / signal) if signal > 0 else 0.0,
-                }
-                results[key] = (fitted, info)
+        for key in group.members:
+            w, fitted = weights[key], fits[key]
+            diff = w.astype(np.float32) - fitted.dequantize()
+            signal = quadratic(hessian, w)
+            info = {
+                "bits": fitted.bits,
+                "weight_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(w), 1e-30)),
+                "output_rel_error": math.sqrt(quadratic(hessian, diff) / signal) if signal > 0 else 0.0,
+            }
+            results[key] = (fitted, info)
         return results
 
     def _allocate(
         self, model: ir.Model, groups: list[Group], stats: Statistics, directory: Path
-    ) -> dict[MemberKey, int]:
-        """Planes per weight from the knapsack over sensitivities (module docstring)."""
+    ) -> dict[MemberKey, BCQWeight]:
+        """Each weight fitted at the plane count the knapsack over sensitivities chose (module docstring).
+
+        Columns are fitted independently (the error compensation runs along K, per column), so a member's fit from
+        its group's joint fit at width b is the fit it gets alone at b, and is kept rather than redone.
+        """
         opts = self.options
         assert opts.average_bits is not None
         candidates = sorted(set(opts.candidate_bits))
@@ -211,6 +217,7 @@ class ShiftAddBCQ(KilnPass):
         ratios: list[list[float]] = []
         measured: list[float | None] = []
         sizes: list[int] = []
+        fits: dict[MemberKey, dict[int, BCQWeight]] = {}
         for group in groups:
             hessian = _hessian(group, stats)
             covariance = hessian - sum(np.outer(m, m) for m in (stats.get(name, "mean") for name in group.inputs))
@@ -219,6 +226,8 @@ class ShiftAddBCQ(KilnPass):
             scores: list[list[float]] = [[] for _ in weights]
             for width in candidates:
                 fitted = self._fit(weights, hessian, width)
+                for key, q in zip(group.members, fitted):
+                    fits.setdefault(key, {})[width] = q
                 for i, (w, q) in enumerate(zip(weights, fitted)):
                     noise = quadratic(covariance, w.astype(np.float32) - q.dequantize())
                     scores[i].append(noise / signal[i] if signal[i] > 0 else 0.0)
@@ -240,7 +249,7 @@ class ShiftAddBCQ(KilnPass):
             "sensitivity": opts.sensitivity,
             "layers_per_bits": {str(b): sum(candidates[c] == b for c in picks) for b in candidates},
         }
-        return {key: candidates[c] for key, c in zip(keys, picks)}
+        return {key: fits[key][candidates[c]] for key, c in zip(keys, picks)}
 
     # -- rewriting -----------------------------------------------------------------------------------------------
 
