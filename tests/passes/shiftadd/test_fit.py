@@ -65,3 +65,12 @@ def test_pack_matches_dequantize(k: int, group: int) -> None:
     packed = q.pack()
     assert packed.planes.shape == (24, 3, -(-k // 8)) and packed.exponents.shape == (24, 3, -(-k // group))
     assert np.array_equal(shiftadd.dequantize(packed), q.dequantize().astype(np.float64))
+
+
+def test_columns_are_fitted_independently() -> None:
+    """A member fitted jointly with others (Q/K/V) gets exactly its fit alone: the allocation reuses joint fits."""
+    w, hessian = _problem(128, 48, 512)
+    joint = fit.bcq_gptq(w, hessian, 2, 32)
+    alone = fit.bcq_gptq(w[:, 16:40], hessian, 2, 32)
+    part = joint.columns(slice(16, 40))
+    assert np.array_equal(part.codes, alone.codes) and np.array_equal(part.exponents, alone.exponents)
