@@ -3,10 +3,11 @@
 Method (LUT-GEMM / T-MAC style). For each row of A and each byte ``c`` of a plane (8 activations
 ``x = A[8c : 8c + 8]``, zero past K), a table holds the 256 signed sums ``T_c[m] = sum_j (+x_j if bit j of m else
 -x_j)``, built with 256 adds (``T_c[m + 2^j] = T_c[m] + 2 x_j``). An output is then, per plane and group of
-``group_size`` rows, a sum of table look-ups ``T_c[planes[n, i, c]]`` scaled by ``2^e`` (``ldexp``: an exponent
-add, no multiplication), accumulated in float64. Group sums are float32: with integer-valued activations whose
-sums stay below 2^24 every step is exact, so the kernel equals the numpy reference bit for bit; otherwise it agrees
-within float32 rounding. Needs ``group_size`` a multiple of 8 (a byte of a plane must not straddle two groups).
+``group_size`` rows, a sum of table look-ups ``T_c[planes[n, i, c]]`` scaled by ``2^e`` (a product with an exact
+power of two read from a 256-entry table: an exponent add), accumulated in float64. Group sums are float32: with
+integer-valued activations whose sums stay below 2^24 every step is exact, so the kernel equals the numpy reference
+bit for bit; otherwise it agrees within float32 rounding. Needs ``group_size`` a multiple of 8 (a byte of a plane
+must not straddle two groups). The look-ups are scalar (no SIMD shuffles as in T-MAC yet).
 
 The shared library is built with ``cc -O3 -march=native -fopenmp`` into ``<kiln cache>/kernels`` (keyed by a hash
 of the source and flags) and called through ctypes; columns are split across ``threads`` OpenMP threads.
@@ -57,20 +58,37 @@ static void build_tables(const float* a, int64_t k, int64_t bytes, float* t) {
 void shiftadd_matmul(const float* a, int64_t rows, int64_t k, const uint8_t* planes, const int8_t* exponents,
                      int64_t n, int64_t bits, int64_t group, float* y, float* tables, int threads) {
     int64_t bytes = (k + 7) / 8, groups = (k + group - 1) / group, per = group / 8;
+    /* 2^e for every int8 e: scaling by an exact power of two is an exponent add (a libm ldexp call per group and
+       plane would cost more than the group's look-ups) */
+    double pow2[256];
+    for (int e = -128; e < 128; ++e) pow2[e + 128] = ldexp(1.0, e);
     for (int64_t r = 0; r < rows; ++r) {
         build_tables(a + r * k, k, bytes, tables);
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t col = 0; col < n; ++col) {
-            double acc = 0.0;
+            const uint8_t* p[4];
+            const int8_t* e[4];
             for (int64_t i = 0; i < bits; ++i) {
-                const uint8_t* p = planes + (col * bits + i) * bytes;
-                const int8_t* e = exponents + (col * bits + i) * groups;
-                for (int64_t g = 0; g < groups; ++g) {
-                    int64_t c0 = g * per, c1 = c0 + per < bytes ? c0 + per : bytes;
-                    float s = 0.0f;
-                    for (int64_t c = c0; c < c1; ++c) s += tables[c * 256 + p[c]];
-                    acc += ldexp((double)s, e[g]);
+                p[i] = planes + (col * bits + i) * bytes;
+                e[i] = exponents + (col * bits + i) * groups;
+            }
+            double acc = 0.0;
+            for (int64_t g = 0; g < groups; ++g) {
+                int64_t c0 = g * per, c1 = c0 + per < bytes ? c0 + per : bytes;
+                /* independent sums per plane and per parity of c: the adds do not wait on each other */
+                float s[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
+                int64_t c = c0;
+                for (; c + 1 < c1; c += 2) {
+                    const float* t0 = tables + c * 256;
+                    const float* t1 = t0 + 256;
+                    for (int64_t i = 0; i < bits; ++i) {
+                        s[i][0] += t0[p[i][c]];
+                        s[i][1] += t1[p[i][c + 1]];
+                    }
                 }
+                if (c < c1)
+                    for (int64_t i = 0; i < bits; ++i) s[i][0] += tables[c * 256 + p[i][c]];
+                for (int64_t i = 0; i < bits; ++i) acc += (double)(s[i][0] + s[i][1]) * pow2[e[i][g] + 128];
             }
             y[r * n + col] = (float)acc;
         }
