@@ -57,6 +57,7 @@ class BCQOptions:
     * ``sensitivity``, ``sensitivity_batches``: how layers are scored for allocation ("model" or "layer").
     * ``iterations``: alternating sign/scale rounds per group.
     * ``compensate``: GPTQ-style error compensation across rows; ``damp``: its Hessian damping.
+    * ``act_order``: compensate rows by decreasing activation energy, with group exponents fitted beforehand.
     * ``op_types``, ``min_elements``, ``exclude``, ``quantize_lm_head``: which nodes, as in ``quantize.rtn``.
     * ``stats_memory_mb``: memory for Grams while collecting statistics.
     """
@@ -69,6 +70,7 @@ class BCQOptions:
     sensitivity_batches: int = 1
     iterations: int = 4
     compensate: bool = True
+    act_order: bool = True
     damp: float = 0.01
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     min_elements: int = 4096
@@ -169,6 +171,7 @@ class ShiftAddBCQ(KilnPass):
             damp=opts.damp,
             iterations=opts.iterations,
             compensate=opts.compensate,
+            act_order=opts.act_order,
         )
         starts = list(itertools.accumulate([w.shape[1] for w in weights], initial=0))
         return [fitted.columns(slice(a, b)) for a, b in itertools.pairwise(starts)]

@@ -79,22 +79,32 @@ def level_values(exponents: np.ndarray) -> np.ndarray:
     return alphas @ sign_matrix(exponents.shape[-1]).T
 
 
-def nearest(w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(level index [rows, N], level value) nearest to ``w`` [rows, N] given ``levels`` [N, 2^q].
+class Levels:
+    """A group's levels [N, 2^q] sorted per column, for nearest-level look-ups of many rows."""
 
-    Counts the midpoints between sorted levels that lie below each weight (a weight exactly between two levels takes
-    the lower one): 2^q - 1 comparisons on contiguous [rows, N] arrays, an order of magnitude faster than an argmin
-    of distances over a short trailing axis.
-    """
-    n, count = levels.shape
-    order = np.argsort(levels, axis=-1, kind="stable")
-    ordered = np.take_along_axis(levels, order, axis=-1)
-    midpoints = (ordered[:, 1:] + ordered[:, :-1]) / 2
-    rank = np.zeros(w.shape, dtype=np.uint8)
-    for j in range(count - 1):
-        rank += w > midpoints[:, j]
-    flat = rank + np.arange(n) * count
-    return order.ravel()[flat].astype(np.uint8), ordered.ravel()[flat]
+    def __init__(self, levels: np.ndarray) -> None:
+        n, self.count = levels.shape
+        self.order = np.argsort(levels, axis=-1, kind="stable")
+        self.ordered = np.take_along_axis(levels, self.order, axis=-1)
+        self.midpoints = np.ascontiguousarray(((self.ordered[:, 1:] + self.ordered[:, :-1]) / 2).T)
+        self.offsets = np.arange(n) * self.count
+
+    def nearest(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(level index [rows, N], level value) nearest to ``w`` [rows, N] (exactly between two: the lower one).
+
+        Counts the midpoints between sorted levels that lie below each weight: 2^q - 1 comparisons on contiguous
+        [rows, N] arrays, an order of magnitude faster than an argmin of distances over a short trailing axis.
+        """
+        rank = np.zeros(w.shape, dtype=np.uint8)
+        for midpoint in self.midpoints:
+            rank += w > midpoint
+        flat = rank + self.offsets
+        return self.order.ravel()[flat].astype(np.uint8), self.ordered.ravel()[flat]
+
+
+def nearest(w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(level index [rows, N], level value) nearest to ``w`` [rows, N] given ``levels`` [N, 2^q]."""
+    return Levels(levels).nearest(w)
 
 
 def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,42 +163,60 @@ def bcq_gptq(
     damp: float = 0.01,
     iterations: int = 4,
     compensate: bool = True,
+    act_order: bool = False,
 ) -> BCQWeight:
     """BCQ of ``w`` [K, N] with power-of-two scales, fitted against the Gram ``hessian`` [K, K] of its input.
 
     ``compensate=False`` fits each group on the original rows and takes the nearest level (no error feedback).
+    ``act_order`` (with compensation) quantizes rows by decreasing ``diag(H)``, as GPTQ's act-order, with every
+    group's exponents fitted beforehand on the original weight ("static groups").
     """
     k, n = w.shape
     h = np.array(hessian, dtype=np.float64)
     diagonal = np.diag(h).copy()
     diagonal[diagonal == 0] = 1.0
-    work = np.array(w, dtype=np.float32)
-    codes = np.empty((k, n), dtype=np.uint8)
     n_groups = -(-k // group_size)
     exponents = np.empty((n_groups, n, bits), dtype=np.int8)
+    codes = np.empty((k, n), dtype=np.uint8)
+    act_order = act_order and compensate
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
+    work = np.array(w, dtype=np.float32)[order]
     if compensate:
         h[np.diag_indices(k)] = diagonal + damp * float(diagonal.mean())
-        u = _upper_inverse_cholesky(h).astype(np.float32)
+        u = _upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
     del h
-    for g in range(n_groups):
+
+    def fit_group(g: int, rows: np.ndarray) -> Levels:
         g0, g1 = g * group_size, min((g + 1) * group_size, k)
         step = max(1, _FIT_CHUNK // (g1 - g0))
         for c0 in range(0, n, step):
             cols = slice(c0, min(c0 + step, n))
-            exponents[g, cols] = fit_scales(work[g0:g1, cols], diagonal[g0:g1], bits, iterations)
-        levels = level_values(exponents[g])
-        if not compensate:
-            codes[g0:g1] = nearest(work[g0:g1], levels)[0]
-            continue
-        errors = np.empty((g1 - g0, n), dtype=np.float32)
-        for i0 in range(g0, g1, _INNER_ROWS):
-            i1 = min(i0 + _INNER_ROWS, g1)
+            exponents[g, cols] = fit_scales(rows[:, cols], diagonal[g0:g1], bits, iterations)
+        return Levels(level_values(exponents[g]))
+
+    levels: dict[int, Levels] = {}
+    if act_order:
+        source = np.asarray(w, dtype=np.float32)
+        levels = {g: fit_group(g, source[g * group_size : (g + 1) * group_size]) for g in range(n_groups)}
+    block = group_size if not act_order else 128
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        if not act_order:  # natural order: the block is group b0 // group_size, fitted on its rows as updated
+            g = b0 // group_size
+            levels[g] = fit_group(g, work[b0:b1])
+            if not compensate:
+                codes[b0:b1] = levels[g].nearest(work[b0:b1])[0]
+                continue
+        errors = np.empty((b1 - b0, n), dtype=np.float32)
+        for i0 in range(b0, b1, _INNER_ROWS):
+            i1 = min(i0 + _INNER_ROWS, b1)
             for r in range(i0, i1):
-                code, value = nearest(work[r : r + 1], levels)
-                codes[r] = code[0]
+                source_row = int(order[r])
+                code, value = levels[source_row // group_size].nearest(work[r : r + 1])
+                codes[source_row] = code[0]
                 error = (work[r] - value[0]) / u[r, r]
                 work[r + 1 : i1] -= u[r, r + 1 : i1, None] * error
-                errors[r - g0] = error
-            work[i1:g1] -= u[i0:i1, i1:g1].T @ errors[i0 - g0 : i1 - g0]
-        work[g1:] -= u[g0:g1, g1:].T @ errors
+                errors[r - b0] = error
+            work[i1:b1] -= u[i0:i1, i1:b1].T @ errors[i0 - b0 : i1 - b0]
+        work[b1:] -= u[b0:b1, b1:].T @ errors
     return BCQWeight(codes, exponents, group_size)
