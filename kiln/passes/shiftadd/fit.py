@@ -14,14 +14,20 @@ fitted best; the full block ``(w - w')^T H_gg (w - w')`` fitted no better on syn
 
 1. greedy start: ``alpha_i = weighted mean |r|``, ``b_i = sign(r)``, ``r -= alpha_i b_i`` for i = 1..q;
 2. ``iterations`` rounds of alternating updates: alphas by weighted least squares given the signs
-   (``(B^T D B) alpha = B^T D w``), rounded to powers of two in the log domain, then refined one exponent at a time
-   by +-1 while that lowers the error; signs as the nearest level given the exponents. The best exponents seen are
-   kept.
+   (``(B^T D B) alpha = B^T D w``), rounded to powers of two in the log domain, then each exponent in turn tried at
+   +-1 and kept where that lowers the error; signs as the nearest level given the exponents. The best exponents
+   seen are kept.
 
 Error compensation (:func:`bcq_gptq`): as in GPTQ (:mod:`kiln.passes.quantize.gptq`), rows are quantized in order
 and the rows not yet quantized absorb each row's error through the upper Cholesky factor ``U`` of ``H^-1``
 (``W[r+1:] -= U[r, r+1:]^T (w_r - q_r) / U[r, r]``). A group's exponents are fitted on its rows as updated so far,
-when its first row is reached; each row then takes, per column, the nearest of the group's levels.
+when its first row is reached; each row then takes, per column, the nearest of the group's levels. With
+``act_order``, rows are processed by decreasing ``diag(H)`` (GPTQ's act-order) and every group's exponents are
+fitted first, on the original weight. On SmolLM2's layer-0 Q/K/V (one real Gram) at 3 planes, groups of 128, the
+relative output error was 0.035 in natural order and 0.0205 with act-order; kiln's GPTQ at 3 bits reaches 0.0152
+there (its grid has a free float scale and a zero point per group; powers of two cost the difference: on the same
+weight without calibration, weight error 0.264 with power-of-two scales, 0.227 with sqrt(2) steps, 0.214 with
+1/16-octave steps, against 0.217 for the 3-bit asymmetric grid).
 """
 
 from __future__ import annotations
