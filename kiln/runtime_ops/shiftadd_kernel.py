@@ -29,7 +29,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.runtime_ops import shiftadd
-from kiln.zoo._cache import cache_root
+from kiln.zoo import cache_root
 
 _SOURCE = r"""
 #include <math.h>
