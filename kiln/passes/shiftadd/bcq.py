@@ -23,9 +23,9 @@ calibration statistics and are skipped, with the reason in ``details["skipped"]`
 float for its Gather, as in ``quantize.rtn``.
 
 Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens,
-groups of 128, LM head included): perplexity 44.34 at 3 planes (49.41 without act-order) and 291.1 at 2, where the
-float model scores 24.22 and kiln's GPTQ 35.65 at 3 bits and 175.3 at 2. Power-of-two scales cost more than binary
-coding gains on this model (see :mod:`kiln.passes.shiftadd.fit`).
+LM head included): perplexity 44.34 at 3 planes in groups of 128 (49.41 without act-order, 42.34 in groups of 64)
+and 291.1 at 2 planes, where the float model scores 24.22 and kiln's GPTQ (groups of 128) 35.65 at 3 bits and 175.3
+at 2. Power-of-two scales cost more than binary coding gains on this model (see :mod:`kiln.passes.shiftadd.fit`).
 """
 
 from __future__ import annotations
