@@ -20,7 +20,13 @@ from kiln.passes._base import KilnPass, PassContext
 _REGISTRY: dict[str, type[KilnPass]] = {}
 
 # Modules whose import registers kiln's built-in passes.
-_BUILTIN_MODULES = ("kiln.passes.cleanup", "kiln.passes.quantize", "kiln.passes.lowrank", "kiln.passes.prune")
+_BUILTIN_MODULES = (
+    "kiln.passes.cleanup",
+    "kiln.passes.quantize",
+    "kiln.passes.lowrank",
+    "kiln.passes.prune",
+    "kiln.passes.shiftadd",
+)
 
 
 def register(name: str) -> Callable[[type[KilnPass]], type[KilnPass]]:

@@ -1,0 +1,228 @@
+"""Binary-coding quantization (BCQ) with power-of-two scales, fitted with GPTQ-style error compensation.
+
+A weight ``W`` [K, N] is cut along K into groups of ``group_size`` rows. In group ``g``, column ``n`` is::
+
+    w ~ sum_{i < q} 2^e[g, n, i] * b_i,     b_i in {-1, +1}^group_size
+
+so its values lie on the ``2^q`` levels ``L_j = sum_i 2^e_i (2 bit_i(j) - 1)``: picking level ``j`` for a weight
+sets plane ``i``'s sign to bit ``i`` of ``j``. Exponents are integers in ``[EXPONENT_MIN, EXPONENT_MAX]``.
+
+Scales of a group (:func:`fit_scales`), per column, minimizing the output-weighted error ``sum_k d_k (w_k - w'_k)^2``
+with ``d = diag(H)`` (the energy of input feature k on the calibration data, so rows that move the output most are
+fitted best; the full block ``(w - w')^T H_gg (w - w')`` fitted no better on synthetic correlated inputs, 0.182 vs
+0.182 relative output error at 3 planes, and its small matrix products cost more than the rest of the search):
+
+1. greedy start: ``alpha_i = weighted mean |r|``, ``b_i = sign(r)``, ``r -= alpha_i b_i`` for i = 1..q;
+2. ``iterations`` rounds of alternating updates: alphas by weighted least squares given the signs
+   (``(B^T D B) alpha = B^T D w``), rounded to powers of two in the log domain, then each exponent in turn tried at
+   +-1 and kept where that lowers the error; signs as the nearest level given the exponents. The best exponents
+   seen are kept.
+
+Error compensation (:func:`bcq_gptq`): as in GPTQ (:mod:`kiln.passes.quantize.gptq`), rows are quantized in order
+and the rows not yet quantized absorb each row's error through the upper Cholesky factor ``U`` of ``H^-1``
+(``W[r+1:] -= U[r, r+1:]^T (w_r - q_r) / U[r, r]``). A group's exponents are fitted on its rows as updated so far,
+when its first row is reached; each row then takes, per column, the nearest of the group's levels. With
+``act_order``, rows are processed by decreasing ``diag(H)`` (GPTQ's act-order) and every group's exponents are
+fitted first, on the original weight. On SmolLM2's layer-0 Q/K/V (one real Gram) at 3 planes, groups of 128, the
+relative output error was 0.035 in natural order and 0.0205 with act-order; kiln's GPTQ at 3 bits reaches 0.0152
+there (its grid has a free float scale and a zero point per group; powers of two cost the difference: on the same
+weight without calibration, weight error 0.264 with power-of-two scales, 0.227 with sqrt(2) steps, 0.214 with
+1/16-octave steps, against 0.217 for the 3-bit asymmetric grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kiln.passes.quantize.gptq import _upper_inverse_cholesky
+from kiln.runtime_ops import shiftadd
+
+#: Rows updated one by one inside a group before the rest of the group gets their errors in one product.
+_INNER_ROWS = 32
+#: Elements of a group fitted at once: temporaries are [rows, columns, 2^q] float32, near 256 MB at 4 planes.
+_FIT_CHUNK = 1 << 22
+
+
+@dataclasses.dataclass
+class BCQWeight:
+    """A fitted weight: level codes [K, N] (bit i = plane i's sign), exponents [groups, N, q]."""
+
+    codes: np.ndarray
+    exponents: np.ndarray
+    group_size: int
+
+    @property
+    def bits(self) -> int:
+        return self.exponents.shape[-1]
+
+    def dequantize(self) -> np.ndarray:
+        """The [K, N] float32 weight the codes and exponents stand for."""
+        levels = level_values(self.exponents)  # [groups, N, 2^q]
+        k = self.codes.shape[0]
+        rows = np.arange(k) // self.group_size
+        return np.take_along_axis(levels[rows], self.codes[..., None].astype(np.int64), axis=-1)[..., 0]
+
+    def pack(self) -> shiftadd.PackedWeight:
+        """The op's packed layout: planes [N, q, ceil(K/8)], exponents [N, q, groups]."""
+        planes = (self.codes.T[:, None, :] >> np.arange(self.bits, dtype=np.uint8)[None, :, None]) & 1
+        return shiftadd.pack(planes.astype(bool), self.exponents.transpose(1, 2, 0), self.group_size)
+
+    def columns(self, cols: slice) -> BCQWeight:
+        return BCQWeight(self.codes[:, cols].copy(), self.exponents[:, cols].copy(), self.group_size)
+
+
+def sign_matrix(bits: int) -> np.ndarray:
+    """``M`` [2^q, q] with ``M[j, i] = 2 bit_i(j) - 1``: level j is ``M[j] @ alpha``."""
+    j = np.arange(1 << bits)[:, None]
+    return (2 * ((j >> np.arange(bits)[None, :]) & 1) - 1).astype(np.float32)
+
+
+def level_values(exponents: np.ndarray) -> np.ndarray:
+    """Levels [..., 2^q] of exponents [..., q]."""
+    alphas = np.ldexp(np.float32(1), exponents.astype(np.int32)).astype(np.float32)
+    return alphas @ sign_matrix(exponents.shape[-1]).T
+
+
+class Levels:
+    """A group's levels [N, 2^q] sorted per column, for nearest-level look-ups of many rows."""
+
+    def __init__(self, levels: np.ndarray) -> None:
+        n, self.count = levels.shape
+        self.order = np.argsort(levels, axis=-1, kind="stable")
+        self.ordered = np.take_along_axis(levels, self.order, axis=-1)
+        self.midpoints = np.ascontiguousarray(((self.ordered[:, 1:] + self.ordered[:, :-1]) / 2).T)
+        self.offsets = np.arange(n) * self.count
+
+    def nearest(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(level index [rows, N], level value) nearest to ``w`` [rows, N] (exactly between two: the lower one).
+
+        Counts the midpoints between sorted levels that lie below each weight: 2^q - 1 comparisons on contiguous
+        [rows, N] arrays, an order of magnitude faster than an argmin of distances over a short trailing axis.
+        """
+        rank = np.zeros(w.shape, dtype=np.uint8)
+        for midpoint in self.midpoints:
+            rank += w > midpoint
+        flat = rank + self.offsets
+        return self.order.ravel()[flat].astype(np.uint8), self.ordered.ravel()[flat]
+
+
+def nearest(w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(level index [rows, N], level value) nearest to ``w`` [rows, N] given ``levels`` [N, 2^q]."""
+    return Levels(levels).nearest(w)
+
+
+def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(error ``sum_r d_r (w - w')^2`` per column [N], codes [rows, N]) of ``w`` on the levels of ``exponents``."""
+    codes, values = nearest(w, level_values(exponents))
+    diff = w - values
+    return d @ (diff * diff), codes
+
+
+def _to_exponents(alphas: np.ndarray) -> np.ndarray:
+    tiny = np.float32(2.0**shiftadd.EXPONENT_MIN)
+    logs = np.rint(np.log2(np.maximum(np.abs(alphas), tiny)))
+    return np.clip(logs, shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX).astype(np.int8)
+
+
+def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int) -> np.ndarray:
+    """Exponents [N, q] for the group ``w`` [rows, N] with row weights ``d`` [rows] (module docstring)."""
+    n = w.shape[1]
+    d = np.asarray(d, dtype=np.float32)
+    d_sum = max(float(d.sum()), 1e-30)
+    residual = w.astype(np.float32).copy()
+    alphas = np.empty((n, bits), dtype=np.float32)
+    for i in range(bits):
+        alphas[:, i] = d @ np.abs(residual) / d_sum
+        residual -= alphas[:, i] * np.where(residual >= 0, 1, -1)
+    exponents = _to_exponents(alphas)
+    best, codes = _error(w, d, exponents)
+    ridge = np.float32(1e-6) * d_sum * np.eye(bits, dtype=np.float32)
+    signs = sign_matrix(bits)
+    for _ in range(iterations):
+        planes = signs[codes]  # [rows, N, q]
+        weighted = planes * d[:, None, None]
+        lhs = np.einsum("rni,rnj->nij", weighted, planes) + ridge
+        rhs = np.einsum("rni,rn->ni", weighted, w)
+        current = _to_exponents(np.linalg.solve(lhs, rhs[..., None])[..., 0])
+        error, _ = _error(w, d, current)
+        for i in range(bits):
+            for step in (1, -1):
+                trial = current.copy()
+                trial[:, i] = np.clip(trial[:, i].astype(np.int16) + step, shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX)
+                trial_error, _ = _error(w, d, trial)
+                better = trial_error < error
+                current[better], error[better] = trial[better], trial_error[better]
+        improved = error < best
+        exponents[improved], best[improved] = current[improved], error[improved]
+        _, codes = _error(w, d, exponents)
+    return exponents
+
+
+def bcq_gptq(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    group_size: int,
+    *,
+    damp: float = 0.01,
+    iterations: int = 4,
+    compensate: bool = True,
+    act_order: bool = False,
+) -> BCQWeight:
+    """BCQ of ``w`` [K, N] with power-of-two scales, fitted against the Gram ``hessian`` [K, K] of its input.
+
+    ``compensate=False`` fits each group on the original rows and takes the nearest level (no error feedback).
+    ``act_order`` (with compensation) quantizes rows by decreasing ``diag(H)``, as GPTQ's act-order, with every
+    group's exponents fitted beforehand on the original weight ("static groups").
+    """
+    k, n = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    diagonal = np.diag(h).copy()
+    diagonal[diagonal == 0] = 1.0
+    n_groups = -(-k // group_size)
+    exponents = np.empty((n_groups, n, bits), dtype=np.int8)
+    codes = np.empty((k, n), dtype=np.uint8)
+    act_order = act_order and compensate
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
+    work = np.array(w, dtype=np.float32)[order]
+    if compensate:
+        h[np.diag_indices(k)] = diagonal + damp * float(diagonal.mean())
+        u = _upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
+    del h
+
+    def fit_group(g: int, rows: np.ndarray) -> Levels:
+        g0, g1 = g * group_size, min((g + 1) * group_size, k)
+        step = max(1, _FIT_CHUNK // (g1 - g0))
+        for c0 in range(0, n, step):
+            cols = slice(c0, min(c0 + step, n))
+            exponents[g, cols] = fit_scales(rows[:, cols], diagonal[g0:g1], bits, iterations)
+        return Levels(level_values(exponents[g]))
+
+    levels: dict[int, Levels] = {}
+    if act_order:
+        source = np.asarray(w, dtype=np.float32)
+        levels = {g: fit_group(g, source[g * group_size : (g + 1) * group_size]) for g in range(n_groups)}
+    block = group_size if not act_order else 128
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        if not act_order:  # natural order: the block is group b0 // group_size, fitted on its rows as updated
+            g = b0 // group_size
+            levels[g] = fit_group(g, work[b0:b1])
+            if not compensate:
+                codes[b0:b1] = levels[g].nearest(work[b0:b1])[0]
+                continue
+        errors = np.empty((b1 - b0, n), dtype=np.float32)
+        for i0 in range(b0, b1, _INNER_ROWS):
+            i1 = min(i0 + _INNER_ROWS, b1)
+            for r in range(i0, i1):
+                source_row = int(order[r])
+                code, value = levels[source_row // group_size].nearest(work[r : r + 1])
+                codes[source_row] = code[0]
+                error = (work[r] - value[0]) / u[r, r]
+                work[r + 1 : i1] -= u[r, r + 1 : i1, None] * error
+                errors[r - b0] = error
+            work[i1:b1] -= u[i0:i1, i1:b1].T @ errors[i0 - b0 : i1 - b0]
+        work[b1:] -= u[b0:b1, b1:].T @ errors
+    return BCQWeight(codes, exponents, group_size)

@@ -1,0 +1,1 @@
+"""Custom ONNX ops kiln emits, each with a numpy reference and an ONNX-function form that any runtime runs."""

@@ -1,0 +1,155 @@
+"""The shiftadd.bcq pass on tiny graphs, run in ONNX Runtime (through the op's function form) against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kiln import testing
+from kiln.compiler import recipes, registry
+from kiln.compiler.calibration import CalibrationData
+from kiln.errors import KilnError, RecipeError
+from kiln.passes import PassContext
+from kiln.passes.shiftadd.bcq import ShiftAddBCQ
+from kiln.runtime_ops import shiftadd
+
+RNG = np.random.default_rng(0)
+
+
+def _calibration(k: int, batches: int = 3) -> CalibrationData:
+    return CalibrationData([{"x": RNG.standard_normal((32, k)).astype(np.float32)} for _ in range(batches)])
+
+
+def _run_pass(model: ir.Model, k: int, **options: object) -> ShiftAddBCQ:
+    pass_ = registry.create("shiftadd.bcq", {"min_elements": 0} | options, PassContext(calibration=_calibration(k)))
+    assert isinstance(pass_, ShiftAddBCQ)
+    assert pass_(model).modified
+    return pass_
+
+
+def _session(model: ir.Model | onnx.ModelProto) -> ort.InferenceSession:
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    onnx.checker.check_model(proto, full_check=True)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _packed_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """Each ShiftAddMatMul node's weight [K, N] by the op's numpy reference, keyed by the node's A input."""
+    weights = {}
+    for node in model.graph:
+        if node.op_type == shiftadd.OP_TYPE:
+            attrs = node.attributes
+            packed = shiftadd.PackedWeight(
+                node.inputs[1].const_value.numpy(),
+                node.inputs[2].const_value.numpy(),
+                attrs.get_int("K"),
+                attrs.get_int("N"),
+                attrs.get_int("bits"),
+                attrs.get_int("group_size"),
+            )
+            weights[node.name] = shiftadd.dequantize(packed)
+    return weights
+
+
+def test_mlp_is_rewritten_and_runs_as_the_reference() -> None:
+    model = testing.mlp([64, 96, 48, 32])
+    original = ir.to_proto(model)
+    pass_ = _run_pass(model, 64, bits=3, group_size=32)
+    assert [n.op_type for n in model.graph if n.op_type in ("MatMul", shiftadd.OP_TYPE)] == [shiftadd.OP_TYPE] * 3
+    assert model.opset_imports[shiftadd.DOMAIN] == 1 and (shiftadd.DOMAIN, shiftadd.OP_TYPE, "") in model.functions
+    assert not {"w0", "w1", "w2"} & set(model.graph.initializers)  # float weights removed
+    layers = pass_.details["layers"]
+    assert [layer["bits"] for layer in layers.values()] == [3, 3, 3]
+    assert layers["matmul0"]["bytes_after"] == 96 * 3 * 8 + 96 * 3 * 2  # planes [96, 3, 8], exponents [96, 3, 2]
+    assert pass_.details["bytes_after"] < pass_.details["bytes_before"] / 8
+
+    x = RNG.standard_normal((16, 64)).astype(np.float32)
+    y = _session(model).run(None, {"x": x})[0]
+    # numpy forward with the op reference's weights and the original biases
+    weights = list(_packed_weights(model).values())
+    biases = [numpy_helper.to_array(t) for t in original.graph.initializer if t.name.startswith("b")]
+    h = x.astype(np.float64)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = h @ w + b
+        if i < 2:
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(y, h, rtol=0, atol=1e-4 * np.abs(h).max())
+    # and close to the float model
+    y_float = _session(original).run(None, {"x": x})[0]
+    assert np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.45  # measured 0.32
+
+
+def test_gemm_with_bias_and_transposed_weight() -> None:
+    k, n = 48, 20
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    c = RNG.standard_normal(n).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, name="gemm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    _run_pass(model, k, bits=4, group_size=16)
+    assert [node.op_type for node in model.graph] == [shiftadd.OP_TYPE, "Add"]
+    x = RNG.standard_normal((5, k)).astype(np.float32)
+    y = _session(model).run(None, {"x": x})[0]
+    expected = x.astype(np.float64) @ next(iter(_packed_weights(model).values())) + c
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert np.linalg.norm(y - (x @ w.T + c)) / np.linalg.norm(x @ w.T + c) < 0.2  # 4 planes: measured 0.09
+
+
+@pytest.mark.parametrize("sensitivity", ["model", "layer"])
+def test_bits_are_allocated_under_the_average(sensitivity: str) -> None:
+    model = testing.mlp([64, 128, 64, 32])
+    pass_ = _run_pass(model, 64, average_bits=2.5, candidate_bits=[2, 3], group_size=32, sensitivity=sensitivity)
+    allocation = pass_.details["allocation"]
+    layers = pass_.details["layers"].values()
+    sizes = [layer["K"] * layer["N"] for layer in layers]
+    used = sum(size * layer["bits"] for size, layer in zip(sizes, layers)) / sum(sizes)
+    assert used <= 2.5 and allocation["average_bits"] == pytest.approx(used)
+    assert {layer["bits"] for layer in layers} == {2, 3}  # 8192, 8192, 2048 elements: one 3-bit layer does not fit
+    x = RNG.standard_normal((4, 64)).astype(np.float32)
+    assert np.isfinite(_session(model).run(None, {"x": x})[0]).all()
+
+
+def test_old_opset_is_refused_with_the_reason() -> None:
+    model = testing.mlp([32, 32], opset=17)
+    with pytest.raises(KilnError, match=r"default opset is 17; ai.kiln.ShiftAddMatMul's function form needs >= 18"):
+        _run_pass(model, 32)
+
+
+def test_needs_calibration() -> None:
+    with pytest.raises(ir.passes.PreconditionError, match="needs calibration data"):
+        registry.create("shiftadd.bcq")(testing.mlp([32, 32]))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bits": 5}, r"planes per weight must be 1\.\.4, got 5"),
+        ({"candidate_bits": [0, 2]}, r"planes per weight must be 1\.\.4, got 0"),
+        ({"group_size": 4}, r"group_size must be >= 8"),
+        ({"average_bits": 1.5, "candidate_bits": [2, 3]}, r"average_bits=1.5 is below the smallest candidate"),
+        ({"format": "dq"}, r"has no option .format."),
+    ],
+)
+def test_bad_options(options: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        registry.create("shiftadd.bcq", options)
+
+
+@pytest.mark.parametrize(("name", "bits"), [("shiftadd-w3", 3), ("shiftadd-w2", 2), ("shiftadd-mixed", None)])
+def test_builtin_recipes(name: str, bits: int | None) -> None:
+    recipe = recipes.load(name)
+    step = recipe.passes[-1]
+    assert step.name == "shiftadd.bcq" and recipe.needs_calibration
+    if bits is None:
+        assert step.options.average_bits == 2.5 and step.options.candidate_bits == [2, 3]
+    else:
+        assert step.options.bits == bits and step.options.average_bits is None

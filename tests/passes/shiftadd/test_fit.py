@@ -1,0 +1,94 @@
+"""BCQ fitting with power-of-two scales: exact recovery, error ordering, compensation, packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.passes.quantize.gptq import quadratic
+from kiln.passes.shiftadd import fit
+from kiln.runtime_ops import shiftadd
+
+RNG = np.random.default_rng(0)
+
+
+def _problem(k: int = 256, n: int = 64, rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    w = (RNG.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    x = RNG.standard_normal((rows, k)) * RNG.uniform(0.2, 3.0, k)
+    x[:, :4] *= 10  # a few outlier channels, as in transformers
+    x += 0.3 * RNG.standard_normal((rows, 1))  # correlated channels
+    return w, x.T @ x / rows
+
+
+def _output_error(w: np.ndarray, hessian: np.ndarray, q: fit.BCQWeight) -> float:
+    return float(np.sqrt(quadratic(hessian, w - q.dequantize()) / quadratic(hessian, w)))
+
+
+def test_levels_enumerate_sign_combinations() -> None:
+    levels = fit.level_values(np.array([[1, -1]], dtype=np.int8))  # alphas 2 and 0.5
+    assert levels.tolist() == [[-2.5, 1.5, -1.5, 2.5]]  # level j: plane i positive iff bit i of j
+
+
+def test_representable_weight_is_recovered_exactly() -> None:
+    k, n = 64, 8
+    signs = RNG.random((k, n, 2)) < 0.5
+    w = (np.where(signs[..., 0], 2.0, -2.0) + np.where(signs[..., 1], 0.5, -0.5)).astype(np.float32)
+    q = fit.bcq_gptq(w, np.eye(k), bits=2, group_size=32, compensate=False)
+    assert np.array_equal(q.dequantize(), w)
+    assert set(q.exponents.ravel().tolist()) == {1, -1}
+
+
+def test_error_falls_with_planes_and_exponents_stay_in_range() -> None:
+    w, hessian = _problem()
+    errors = []
+    for bits in (1, 2, 3, 4):
+        q = fit.bcq_gptq(w, hessian, bits, 64)
+        assert q.exponents.shape == (4, 64, bits) and q.codes.max() < 1 << bits
+        assert q.exponents.min() >= shiftadd.EXPONENT_MIN and q.exponents.max() <= shiftadd.EXPONENT_MAX
+        errors.append(_output_error(w, hessian, q))
+    assert errors == sorted(errors, reverse=True)
+    assert errors[2] < 0.25  # 3 planes: measured 0.19
+
+
+def test_compensation_lowers_output_error() -> None:
+    w, hessian = _problem()
+    plain = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64, compensate=False))
+    compensated = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64))
+    assert compensated < 0.97 * plain
+
+
+@pytest.mark.parametrize(("k", "group"), [(100, 32), (64, 64), (45, 16)])
+def test_pack_matches_dequantize(k: int, group: int) -> None:
+    """The op's reference on the packed layout computes exactly the fitted weight (ragged K and groups too)."""
+    w, hessian = _problem(k, 24, 512)
+    q = fit.bcq_gptq(w, hessian, 3, group)
+    packed = q.pack()
+    assert packed.planes.shape == (24, 3, -(-k // 8)) and packed.exponents.shape == (24, 3, -(-k // group))
+    assert np.array_equal(shiftadd.dequantize(packed), q.dequantize().astype(np.float64))
+
+
+def test_columns_are_fitted_independently() -> None:
+    """A member fitted jointly with others (Q/K/V) gets exactly its fit alone: the allocation reuses joint fits."""
+    w, hessian = _problem(128, 48, 512)
+    joint = fit.bcq_gptq(w, hessian, 2, 32)
+    alone = fit.bcq_gptq(w[:, 16:40], hessian, 2, 32)
+    part = joint.columns(slice(16, 40))
+    assert np.array_equal(part.codes, alone.codes) and np.array_equal(part.exponents, alone.exponents)
+
+
+def test_act_order_maps_rows_back() -> None:
+    """Rows are processed by decreasing energy, but codes land on their own rows: a representable weight with a
+    scrambled energy order comes back exactly (no error, so nothing to compensate)."""
+    k, n = 96, 8
+    signs = RNG.random((k, n, 2)) < 0.5
+    w = (np.where(signs[..., 0], 1.0, -1.0) + np.where(signs[..., 1], 0.25, -0.25)).astype(np.float32)
+    hessian = np.diag(RNG.uniform(0.5, 5.0, k))
+    q = fit.bcq_gptq(w, hessian, bits=2, group_size=32, act_order=True)
+    assert np.array_equal(q.dequantize(), w)
+
+
+def test_act_order_is_no_worse_with_outlier_channels() -> None:
+    w, hessian = _problem(256, 64, 2048)
+    natural = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64))
+    ordered = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64, act_order=True))
+    assert ordered < 1.02 * natural

@@ -1,0 +1,69 @@
+"""The table-lookup kernel for ai.kiln.ShiftAddMatMul, directly and inside ONNX Runtime, against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from kiln import testing
+from kiln.compiler import registry
+from kiln.compiler.calibration import CalibrationData
+from kiln.errors import KilnError
+from kiln.passes import PassContext
+from kiln.runtime_ops import shiftadd, shiftadd_kernel, shiftadd_ort
+
+RNG = np.random.default_rng(0)
+
+
+def _random(k: int, n: int, bits: int, group: int, spread: int = 2) -> shiftadd.PackedWeight:
+    signs = RNG.random((n, bits, k)) < 0.5
+    exponents = RNG.integers(-spread, spread + 1, (n, bits, shiftadd.n_groups(k, group)))
+    return shiftadd.pack(signs, exponents, group)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "group", "rows"),
+    [(64, 16, 3, 32, 1), (37, 5, 3, 16, 3), (300, 33, 4, 64, 2), (129, 7, 1, 128, 1), (576, 40, 2, 128, 5)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_reference(k: int, n: int, bits: int, group: int, rows: int, threads: int) -> None:
+    """Bit for bit on integer activations (every sum exact), float32 rounding otherwise; ragged K included."""
+    packed = _random(k, n, bits, group)
+    integers = RNG.integers(-4, 5, (rows, k)).astype(np.float32)
+    assert np.array_equal(shiftadd_kernel.matmul(integers, packed, threads), shiftadd.reference(integers, packed))
+    a = RNG.standard_normal((2, rows, k)).astype(np.float32)
+    expected = shiftadd.reference(a, packed)
+    y = shiftadd_kernel.matmul(a, packed, threads)
+    assert y.shape == (2, rows, n)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_kernel_rejects_what_it_cannot_run() -> None:
+    packed = _random(40, 4, 2, 12)
+    with pytest.raises(KilnError, match="group_size a multiple of 8, got 12"):
+        shiftadd_kernel.matmul(np.zeros((1, 40), np.float32), packed)
+    packed = _random(40, 4, 2, 16)
+    with pytest.raises(KilnError, match=r"float32 A \[..., K=40\], got float64 \[1, 40\]"):
+        shiftadd_kernel.matmul(np.zeros((1, 40)), packed)
+    bad = shiftadd.PackedWeight(packed.planes, packed.exponents, 40, 4, 3, 16)
+    with pytest.raises(shiftadd.PackedInputError, match="planes have shape"):
+        shiftadd_kernel.matmul(np.zeros((1, 40), np.float32), bad)
+
+
+def test_onnx_runtime_runs_the_kernel_on_a_compiled_model() -> None:
+    """shiftadd.bcq's output, moved to the kernel, equals the function form run by plain ONNX Runtime."""
+    pytest.importorskip("onnxruntime_extensions", reason="the PyOp path needs onnxruntime-extensions")
+    model = testing.mlp([64, 96, 40])
+    feeds = [{"x": RNG.standard_normal((16, 64)).astype(np.float32)}]
+    registry.create("shiftadd.bcq", {"min_elements": 0, "group_size": 32}, PassContext(CalibrationData(feeds)))(model)
+    function_form = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert shiftadd_ort.use_kernel(model) == 2
+    assert not model.functions and shiftadd.DOMAIN not in model.opset_imports
+    kernel = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), shiftadd_ort.session_options(2), providers=["CPUExecutionProvider"]
+    )
+    x = RNG.integers(-3, 4, (8, 64)).astype(np.float32)
+    expected = function_form.run(None, {"x": x})[0]
+    np.testing.assert_allclose(kernel.run(None, {"x": x})[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
