@@ -49,6 +49,16 @@ DECODE_SKIPS = {
     "lowrank-asvd": "destroys SmolLM2 at this rank (smollm2-135m table)",
     "int8-static": "accuracy in the smollm2-135m table; same int8 kernels as w8a8-smoothquant",
     "cleanup": "changes nothing on a graph kiln exported itself",
+    "w3-eora": "stored like rtn-w4 plus float branches; accuracy in the smollm2-135m table",
+    "prune-blocks-20": "drops KV-cache outputs, which verification refuses (decode speed-ups: tools/prune_measure.py)",
+    "prune-attn-half": "drops KV-cache outputs, which verification refuses (decode speed-ups: tools/prune_measure.py)",
+    "prune-heads": "grouped-query attention is refused (smollm2-135m table)",
+    "prune-heads-w8": "grouped-query attention is refused (smollm2-135m table)",
+    "prune-filters-25": "no convolutions",
+    "shiftadd-w3": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
+    "shiftadd-w2": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
+    "shiftadd-mixed": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
+    "tvm-fp32": "refused on SmolLM2 (smollm2-135m table)",
 }
 REPO = Path(__file__).resolve().parents[2]
 
@@ -247,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="minutes each model may spend building variants not cached yet; the rest are listed as not built",
     )
     parser.add_argument(
+        "--artifact-models", help="comma-separated models whose variants get the settings and .ort comparison (all)"
+    )
+    parser.add_argument(
         "--no-artifacts", action="store_true", help="skip the saved-settings and .ort comparisons of each variant"
     )
     parser.add_argument(
@@ -308,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.print_wide(err, report.result_table(result))
         artifacts: dict[str, str] = {}
         for spec, result in results.items():
-            if args.no_artifacts or isinstance(result, str):
+            chosen_models = args.artifact_models.split(",") if args.artifact_models else models
+            if args.no_artifacts or isinstance(result, str) or spec not in chosen_models:
                 continue
             task = progress.add_task(f"{spec}: saved settings vs defaults, .ort vs .onnx", total=None)
             artifacts[spec] = _artifacts_text(result, budget_s=2.0 if args.quick else 5.0)
