@@ -255,7 +255,8 @@ class MixedPrecision(GPTQ):
             ratios += scores
             sizes += [w.size for w in weights]
             del weights, lowest
-        errors = _scale_to_model(np.array(ratios), measured) if probe is not None else np.array(ratios)
+        table = np.array(ratios, dtype=np.float64).reshape(len(ratios), len(candidates))  # (0, n) with no weights
+        errors = _scale_to_model(table, measured) if probe is not None else table
         total = sum(sizes)
         budget = self.options.average_bits * total
         picks, exact = allocate(sizes, candidates, errors, budget, max_states=self.options.max_states)
