@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterable
 
-from kiln.compiler.calibration import Reducer
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.calibration import CalibrationData, Reducer
 from kiln.errors import CalibrationError
 
 
@@ -72,3 +75,12 @@ class ChannelMoments(Reducer):
     def mean_square(self) -> np.ndarray:
         self._check()
         return self.square / self.count
+
+
+def channel_moments(
+    calibration: CalibrationData, model: ir.Model, values: Iterable[ir.Value], axis: int = -1
+) -> dict[ir.Value, ChannelMoments]:
+    """Per-channel moments of every value in ``values``, gathered in one pass over the calibration data."""
+    moments = {value: ChannelMoments(axis) for value in values}
+    calibration.collect(model, {value.name: [reducer] for value, reducer in moments.items()})
+    return moments

@@ -42,7 +42,7 @@ from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit
-from kiln.passes.prune._stats import ChannelMoments, CosineGap
+from kiln.passes.prune._stats import CosineGap, channel_moments
 from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
 from kiln.targets.ort.runner import make_session
 
@@ -184,8 +184,7 @@ def _reason(importance: str, seed: int) -> str:
 
 def _compensate(model: ir.Model, sublayers: list[Sublayer], calibration: CalibrationData) -> None:
     """Each sublayer's residual Add reads its branch's mean over the calibration tokens instead of the branch."""
-    moments = {s.branch: ChannelMoments() for s in sublayers}
-    calibration.collect(model, {value.name: [reducer] for value, reducer in moments.items()})
+    moments = channel_moments(calibration, model, [s.branch for s in sublayers])
     names = _weights.NameScope(model)
     for sublayer in sublayers:
         branch = sublayer.branch

@@ -30,13 +30,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit
-from kiln.passes.prune._stats import ChannelMoments
+from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import parameter_count
 
 _UNARY = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "LeakyRelu", "Selu", "Softplus")
@@ -140,13 +139,10 @@ class PruneFilters(KilnPass):
         if self.options.importance != "activation":
             return {}, {}
         assert self.context.calibration is not None  # checked by requires()
-        inputs = {c.last.inputs[0]: ChannelMoments(axis=1) for c in chains}
-        outputs = {c.last.outputs[0]: ChannelMoments(axis=1) for c in chains}
-        reducers: dict[str, list[Reducer]] = {}
-        for value, reducer in [*inputs.items(), *outputs.items()]:
-            reducers.setdefault(value.name, []).append(reducer)
-        self.context.calibration.collect(model, reducers)
-        return inputs, outputs
+        inputs = [c.last.inputs[0] for c in chains]
+        outputs = [c.last.outputs[0] for c in chains]
+        moments = channel_moments(self.context.calibration, model, [*inputs, *outputs], axis=1)
+        return {v: moments[v] for v in inputs}, {v: moments[v] for v in outputs}
 
     def _score(self, chain: Chain, inputs: dict[ir.Value, ChannelMoments]) -> np.ndarray:
         if self.options.importance == "activation":

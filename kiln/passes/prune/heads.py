@@ -28,13 +28,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit
-from kiln.passes.prune._stats import ChannelMoments
+from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import Attention, Sublayer, find_structure, parameter_count
 
 
@@ -129,13 +128,10 @@ class PruneHeads(KilnPass):
         self, model: ir.Model, sublayers: list[Sublayer]
     ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments]]:
         assert self.context.calibration is not None  # checked by requires()
-        contexts = {s.attention.o.input: ChannelMoments() for s in sublayers}
-        streams = {s.residual: ChannelMoments() for s in sublayers}
-        reducers: dict[str, list[Reducer]] = {}
-        for value, reducer in [*contexts.items(), *streams.items()]:
-            reducers.setdefault(value.name, []).append(reducer)
-        self.context.calibration.collect(model, reducers)
-        return contexts, streams
+        contexts = [s.attention.o.input for s in sublayers]
+        streams = [s.residual for s in sublayers]
+        moments = channel_moments(self.context.calibration, model, [*contexts, *streams])
+        return {v: moments[v] for v in contexts}, {v: moments[v] for v in streams}
 
     def _allocate(
         self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]

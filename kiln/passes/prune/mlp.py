@@ -25,13 +25,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit
-from kiln.passes.prune._stats import ChannelMoments
+from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import Sublayer, find_structure, parameter_count
 
 
@@ -112,13 +111,10 @@ class PruneMLP(KilnPass):
         self, model: ir.Model, sublayers: list[Sublayer]
     ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments]]:
         assert self.context.calibration is not None  # checked by requires()
-        inner = {s.mlp.down.input: ChannelMoments() for s in sublayers}
-        streams = {s.residual: ChannelMoments() for s in sublayers}
-        reducers: dict[str, list[Reducer]] = {}
-        for value, reducer in [*inner.items(), *streams.items()]:
-            reducers.setdefault(value.name, []).append(reducer)
-        self.context.calibration.collect(model, reducers)
-        return inner, streams
+        inner = [s.mlp.down.input for s in sublayers]
+        streams = [s.residual for s in sublayers]
+        moments = channel_moments(self.context.calibration, model, [*inner, *streams])
+        return {v: moments[v] for v in inner}, {v: moments[v] for v in streams}
 
     def _allocate(
         self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]
