@@ -57,16 +57,21 @@ class ChannelAbsMax(Reducer):
         self.value = batch if self.value is None else np.maximum(self.value, batch)
 
 
-class ChannelMeanSquare(Reducer):
-    """Per-channel mean of x^2 along the last axis (activation-aware weighting)."""
+class ChannelMean(Reducer):
+    """Per-channel mean of x (or of |x|) along the last axis: bias correction and AWQ's activation scale."""
 
-    def __init__(self) -> None:
+    def __init__(self, absolute: bool = False) -> None:
+        self.absolute = absolute
         self.sum: np.ndarray | None = None
         self.count = 0
 
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """What is averaged, row by row."""
+        return np.abs(rows) if self.absolute else rows
+
     def update(self, array: np.ndarray) -> None:
         rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
-        batch = (rows * rows).sum(axis=0)
+        batch = self._rows(rows).sum(axis=0)
         self.sum = batch if self.sum is None else self.sum + batch
         self.count += rows.shape[0]
 
@@ -75,6 +80,16 @@ class ChannelMeanSquare(Reducer):
         if self.sum is None or self.count == 0:
             raise CalibrationError("no calibration rows reached this tensor")
         return self.sum / self.count
+
+
+class ChannelMeanSquare(ChannelMean):
+    """Per-channel mean of x^2 along the last axis (activation-aware weighting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows * rows
 
 
 class Gram(Reducer):

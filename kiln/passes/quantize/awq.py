@@ -40,14 +40,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import Reducer
+from kiln.compiler.calibration import ChannelMean, Reducer
 from kiln.compiler.registry import register
 from kiln.passes import _weights
 from kiln.passes.quantize import grid
 from kiln.passes.quantize.gptq import (
     CLIP_RATIOS,
     CalibratedWeightOnly,
-    ChannelMean,
     GPTQOptions,
     Group,
     MemberKey,

@@ -57,9 +57,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import CalibrationData, Gram, Reducer
+from kiln.compiler.calibration import CalibrationData, ChannelMean, Gram, Reducer
 from kiln.compiler.registry import register
-from kiln.errors import CalibrationError, KilnError
+from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes.quantize import grid, pack
 from kiln.passes.quantize.rtn import RTNOptions, WeightOnlyRTN, WeightSite
@@ -73,27 +73,6 @@ _INNER_ROWS = 32
 
 #: A weight used by the matmuls of this pass, as the RTN base keys it: (weight value, stored transposed).
 MemberKey = tuple[ir.Value, bool]
-
-
-class ChannelMean(Reducer):
-    """Per-channel mean of x (or of |x|) along the last axis: bias correction and AWQ's activation scale."""
-
-    def __init__(self, absolute: bool = False) -> None:
-        self.absolute = absolute
-        self.sum: np.ndarray | None = None
-        self.count = 0
-
-    def update(self, array: np.ndarray) -> None:
-        rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
-        batch = (np.abs(rows) if self.absolute else rows).sum(axis=0)
-        self.sum = batch if self.sum is None else self.sum + batch
-        self.count += rows.shape[0]
-
-    @property
-    def value(self) -> np.ndarray:
-        if self.sum is None or self.count == 0:
-            raise CalibrationError("no calibration rows reached this tensor")
-        return self.sum / self.count
 
 
 class BatchGram(Gram):

@@ -50,14 +50,13 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler import io
-from kiln.compiler.calibration import Feed, Reducer
+from kiln.compiler.calibration import ChannelMean, Feed, Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes.quantize import grid, pack
 from kiln.passes.quantize.gptq import (
     CLIP_RATIOS,
     GPTQ,
-    ChannelMean,
     GPTQOptions,
     Group,
     MemberKey,

@@ -40,11 +40,12 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from kiln.compiler.calibration import ChannelMean
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.quantize.gptq import ChannelMean, Group, MemberKey, Statistics, load_weight, quadratic
+from kiln.passes.quantize.gptq import Group, MemberKey, Statistics, load_weight, quadratic
 from kiln.passes.quantize.mixed import _ModelProbe, _scale_to_model, allocate
 from kiln.passes.quantize.rtn import RTNOptions, WeightOnlyRTN, WeightSite
 from kiln.passes.shiftadd.fit import BCQWeight, bcq_gptq
