@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,24 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _source_revision() -> str:
+    """The git commit kiln runs from, marked ``-dirty`` with uncommitted changes; "unknown" outside a checkout."""
+    root = Path(kiln.__file__).parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "kiln"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
 def machine(bandwidth: Bandwidth | None = None) -> dict[str, Any]:
     """CPU, cores, memory, cache, measured bandwidth and the versions that matter for the numbers."""
     info: dict[str, Any] = {
@@ -211,7 +230,7 @@ def machine(bandwidth: Bandwidth | None = None) -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {
-            "kiln": kiln.__version__,
+            "kiln": f"{kiln.__version__} (commit {_source_revision()})",
             "onnxruntime": _version("onnxruntime"),
             "onnx": _version("onnx"),
             "onnx-ir": _version("onnx-ir"),
