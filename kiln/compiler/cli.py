@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile a model (path or zoo name) with a recipe")
-    p.add_argument("model", help="model.onnx, or a zoo name such as minilm-l6")
+    p.add_argument("model", help="model.onnx, or a zoo NAME[/VARIANT] such as minilm-l6 or smollm2-135m/decode")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--recipe", default="rtn-w8", help="built-in recipe name or a recipe .toml file")
     p.add_argument("--target", help="deployment target (default: the recipe's)")
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="compile for a TVM target with MetaSchedule tuning (locally or over RPC)")
-    p.add_argument("model", help="model.onnx, or a zoo name such as minilm-l6")
+    p.add_argument("model", help="model.onnx, or a zoo NAME[/VARIANT] such as minilm-l6 or smollm2-135m/decode")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--recipe", default="cleanup", help="recipe whose passes run first (its target is replaced)")
     p.add_argument("--target", default="tvm-llvm", help="tvm-llvm or tvm-aarch64")

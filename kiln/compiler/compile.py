@@ -64,15 +64,16 @@ class VerificationFailed(VerificationError):
 
 
 def resolve_model(spec: str | Path) -> tuple[Path, str | None]:
-    """A model path, or a zoo name (exported on first use); returns (path, zoo name or None)."""
+    """A model path, or a zoo ``NAME[/VARIANT]`` (exported on first use); returns (path, zoo name or None)."""
     path = Path(spec)
     if path.exists():
         return path, None
     from kiln import zoo
 
-    names = {m.name for m in zoo.list_models()}
-    if str(spec) in names:
-        return zoo.export(str(spec)), str(spec)
+    name, _, variant = str(spec).partition("/")
+    model = next((m for m in zoo.list_models() if m.name == name), None)
+    if model is not None and (variant or "full") in model.variants:
+        return zoo.export(name, variant or "full"), name
     return path, None  # io.load reports the missing file
 
 
@@ -157,7 +158,10 @@ def compile_model(
             raise
         except Exception as e:
             raise VerificationError(f"ONNX Runtime cannot load the compiled model: {describe(e)}") from None
-        verification = verify(reference, candidate, feeds, metric=metric, tolerance=recipe.tolerance)
+        removed = [name for record in records for name in record.details.get("removed_outputs", ())]
+        verification = verify(
+            reference, candidate, feeds, metric=metric, tolerance=recipe.tolerance, removed_outputs=removed
+        )
         report = _report(
             model_path,
             zoo_name or (identity[0].name if identity else None),

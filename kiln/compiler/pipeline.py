@@ -15,7 +15,6 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 from onnx_ir.passes.common import _c_api_utils
 
 from kiln.errors import KilnError, describe
@@ -108,12 +107,41 @@ class Pipeline:
 
     def _check(self, name: str, model: ir.Model) -> None:
         if self.infer_shapes:
-            common.ShapeInferencePass(strict_mode=False)(model)
+            infer_types(model)
         if self.check:
             try:
                 check_structure(model)
             except Exception as e:
                 raise PipelineError(f"pass {name!r} produced an invalid model: {describe(e)}") from e
+
+
+def infer_types(model: ir.Model) -> None:
+    """ONNX shape inference, merged into ``model`` by whole type: sequences and optionals stay what they are.
+
+    onnx_ir's ShapeInferencePass merges the element dtype only, which types a sequence-valued value that had no
+    type yet (a Loop body's If output) as a tensor, and ONNX Runtime then refuses the model. Here a value takes the
+    inferred type when it has none or only the inferred type's element dtype differs, and the inferred shape when it
+    is known. A model inference fails on is left unchanged, as onnx_ir's pass does.
+    """
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=True)
+
+    try:
+        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
+    except Exception as e:  # ONNX's inference raises arbitrary errors on graphs it does not understand
+        logger.debug("shape inference failed, model left as it is: %s", describe(e))
+        return
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=True):
+        inferred_values = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = inferred_values.get(name)
+            if new is None:
+                continue
+            if new.type is not None and value.type != new.type:
+                value.type = new.type
+            if new.shape is not None and value.shape != new.shape:
+                value.shape = new.shape
 
 
 def check_structure(model: ir.Model) -> None:

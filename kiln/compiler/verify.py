@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class VerificationReport:
     outputs: dict[str, dict[str, float]]
     metric: MetricResult | None
     failures: list[str]
+    #: Outputs of the original that a pass removed on purpose, so not compared.
+    removed_outputs: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +92,7 @@ class VerificationReport:
             "metric": self.metric.to_dict() if self.metric else None,
             "passed": self.passed,
             "failures": self.failures,
+            "removed_outputs": self.removed_outputs,
         }
 
 
@@ -100,10 +103,14 @@ def verify(
     *,
     metric: Metric | None = None,
     tolerance: Tolerance | None = None,
+    removed_outputs: Collection[str] = (),
 ) -> VerificationReport:
     """Run both models on ``feeds`` and judge the candidate against ``tolerance``.
 
-    Models are runners of any target, or paths of ONNX files (run with ONNX Runtime on CPU).
+    Models are runners of any target, or paths of ONNX files (run with ONNX Runtime on CPU). The candidate may lack
+    the outputs in ``removed_outputs`` (removed on purpose by a pass, e.g. a pruned layer's KV cache); every other
+    output of the reference must be there and is compared. The candidate gets only the feed entries it has inputs
+    for, since removing an output may remove the input that fed it.
     """
     tolerance = tolerance or Tolerance()
     start = time.perf_counter()
@@ -112,16 +119,19 @@ def verify(
         new_runner = candidate if isinstance(candidate, Runner) else OrtRunner.from_path(candidate)
     except Exception as e:
         raise VerificationError(f"ONNX Runtime cannot load the compiled model: {describe(e)}") from None
-    names = list(ref_runner.output_names)
-    lost = set(names) - set(new_runner.output_names)
-    if lost:
-        raise VerificationError(f"compiled model lost outputs: {sorted(lost)}")
+    lost = set(ref_runner.output_names) - set(new_runner.output_names)
+    if lost - set(removed_outputs):
+        raise VerificationError(f"compiled model lost outputs: {sorted(lost - set(removed_outputs))}")
+    names = [n for n in ref_runner.output_names if n not in lost]
+    if not names:
+        raise VerificationError("the compiled model shares no output with the original")
+    new_inputs = set(new_runner.input_names)
     stats = {name: OutputStats() for name in names}
     count = 0
     for feed in feeds:
         ref_out = ref_runner(feed)
         try:
-            new_out = new_runner(feed)
+            new_out = new_runner({k: v for k, v in feed.items() if k in new_inputs})
         except Exception as e:
             raise VerificationError(f"the compiled model fails in ONNX Runtime: {describe(e)}") from None
         for name in names:
@@ -149,6 +159,7 @@ def verify(
         outputs={n: {"max_abs_diff": s.max_abs_diff, "cosine": s.cosine} for n, s in stats.items()},
         metric=result,
         failures=failures,
+        removed_outputs=sorted(lost),
     )
 
 

@@ -6,7 +6,8 @@ A kiln pass is an ordinary in-place ``onnx_ir`` pass: ``pass_(model)`` returns a
 * ``Options``: a dataclass holding the pass's options, so recipes and the CLI can validate them by name and type;
 * ``context``: what a pass may need besides the model (calibration data, a seed);
 * ``details``: a JSON-able dict the pass fills while it runs (per-layer errors, what it skipped and why), which the
-  pipeline copies into ``report.json``.
+  pipeline copies into ``report.json``. A pass that removes graph outputs on purpose (a pruned layer's KV cache)
+  lists their names under ``"removed_outputs"``: verification accepts exactly those missing and compares the rest.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import kiln
 from kiln import testing
 from kiln.compiler.metrics import EmbeddingCosine, Perplexity, Top1Agreement, token_nll
 from kiln.compiler.verify import Tolerance, random_feeds, verify
+from kiln.errors import VerificationError
 
 
 def test_token_nll_matches_hand_computation():
@@ -79,3 +80,39 @@ def test_random_feeds_follow_the_model_inputs():
     assert [f["x"].shape for f in feeds] == [(3, 16), (3, 16)]
     assert feeds[0]["x"].dtype == np.float32
     assert random_feeds(testing.mlp([16, 4]), count=1)[0]["x"].shape == (1, 16)
+
+
+def _two_output_model(path: Path, *, with_cache: bool, scale: float = 1.0) -> Path:
+    """``y = x * scale`` and, with the cache, ``present = Concat(past, x)``: a decode step's two kinds of output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Mul", ["x", "s"], ["y"])]
+    inputs, outputs = [x], [y]
+    if with_cache:
+        inputs.append(helper.make_tensor_value_info("past", TensorProto.FLOAT, [None, 4]))
+        outputs.append(helper.make_tensor_value_info("present", TensorProto.FLOAT, [None, 4]))
+        nodes.append(helper.make_node("Concat", ["past", "x"], ["present"], axis=0))
+    scale_init = helper.make_tensor("s", TensorProto.FLOAT, [1], [scale])
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [scale_init])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_outputs_removed_on_purpose_are_not_compared_the_rest_are(tmp_path: Path):
+    ref = _two_output_model(tmp_path / "ref.onnx", with_cache=True)
+    pruned = _two_output_model(tmp_path / "pruned.onnx", with_cache=False)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 4), dtype=np.float32), "past": np.ones((2, 4), np.float32)}]
+    with pytest.raises(VerificationError, match=r"lost outputs: \['present'\]"):
+        verify(ref, pruned, feeds)
+    report = verify(ref, pruned, feeds, removed_outputs=["present"])
+    assert report.passed and list(report.outputs) == ["y"] and report.removed_outputs == ["present"]
+    assert report.outputs["y"]["max_abs_diff"] == 0.0
+    # The outputs that remain are still judged: a wrong y fails.
+    wrong = _two_output_model(tmp_path / "wrong.onnx", with_cache=False, scale=-1.0)
+    failed = verify(ref, wrong, feeds, removed_outputs=["present"])
+    assert not failed.passed and "output 'y' cosine -1.00000" in failed.failures[0]

@@ -8,7 +8,7 @@ saved with :func:`kiln.save` and run in ONNX Runtime against the test's expected
 * ``ort cannot run the original``: ONNX Runtime fails on, or disagrees with, the unmodified test model too, so the
   test says nothing about kiln;
 * anything else fails: a crash (any other exception), or a model the original's ONNX Runtime run matches and
-  kiln's does not, unless listed in ``KNOWN_BUGS`` (each also has a strict xfail test of its own).
+  kiln's does not.
 
 The data is installed in CI by ``.ci/run`` (``apt-get install -y libonnx-testdata``); without it the tests skip.
 """
@@ -29,16 +29,6 @@ from kiln.errors import KilnError
 from kiln.passes import create
 
 NODE_TESTS = Path("/usr/share/libonnx-testdata/data/node")
-
-#: Test -> why kiln's output is wrong there. Strict xfails below notice when the bug is fixed.
-KNOWN_BUGS = {
-    "test_loop16_seq_none": (
-        "onnx_ir 1.1.0 ShapeInferencePass (run by kiln.Pipeline after every pass that changed the model) merges "
-        "inferred types by dtype only, turning the Loop body's If output of type seq(tensor(float)) into "
-        "tensor(float): ORT refuses the saved model ('Type (tensor(float)) of output arg (sequence) of node "
-        "(node_3) does not match expected type (seq(tensor(float)))')"
-    ),
-}
 
 pytestmark = pytest.mark.skipif(
     not NODE_TESTS.is_dir(), reason="Debian package libonnx-testdata not installed (apt-get install libonnx-testdata)"
@@ -121,20 +111,17 @@ def test_node_conformance_through_cleanup(tmp_path: Path):
     cases = sorted(p for p in NODE_TESTS.iterdir() if (p / "model.onnx").is_file())
     outcomes: dict[str, list[str]] = collections.defaultdict(list)
     for case in cases:
-        if case.name not in KNOWN_BUGS:
-            outcomes[check_node_test(case, tmp_path)].append(case.name)
+        outcomes[check_node_test(case, tmp_path)].append(case.name)
     counts = {outcome: len(names) for outcome, names in sorted(outcomes.items())}
     print(
-        f"\nlibonnx-testdata node tests through cleanup.optimize: {len(cases)} tests, {counts}, known bugs: "
-        f"{sorted(KNOWN_BUGS)}; pass rate {len(outcomes['passed']) / len(cases):.1%}"
+        f"\nlibonnx-testdata node tests through cleanup.optimize: {len(cases)} tests, {counts}, "
+        f"pass rate {len(outcomes['passed']) / len(cases):.1%}"
     )
     assert len(cases) >= 900
     assert not outcomes["kiln broke it"], outcomes["kiln broke it"]
     assert len(outcomes["passed"]) >= 0.9 * len(cases), counts
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=why)) for name, why in KNOWN_BUGS.items()]
-)
-def test_known_conformance_bug(tmp_path: Path, name: str):
-    assert check_node_test(NODE_TESTS / name, tmp_path) == "passed"
+def test_sequence_typed_if_output_in_a_loop_body_keeps_its_type(tmp_path: Path):
+    """Regression: onnx_ir's ShapeInferencePass merged dtypes only and typed this If output tensor(float)."""
+    assert check_node_test(NODE_TESTS / "test_loop16_seq_none", tmp_path) == "passed"

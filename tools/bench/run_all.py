@@ -50,8 +50,6 @@ DECODE_SKIPS = {
     "int8-static": "accuracy in the smollm2-135m table; same int8 kernels as w8a8-smoothquant",
     "cleanup": "changes nothing on a graph kiln exported itself",
     "w3-eora": "stored like rtn-w4 plus float branches; accuracy in the smollm2-135m table",
-    "prune-blocks-20": "drops KV-cache outputs, which verification refuses (decode speed-ups: tools/prune_measure.py)",
-    "prune-attn-half": "drops KV-cache outputs, which verification refuses (decode speed-ups: tools/prune_measure.py)",
     "prune-heads": "grouped-query attention is refused (smollm2-135m table)",
     "prune-heads-w8": "grouped-query attention is refused (smollm2-135m table)",
     "prune-filters-25": "no convolutions",
@@ -133,12 +131,25 @@ def _variants_text(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _feed_text(shapes: dict[str, list[int]], shown: int = 3) -> str:
+    """Input names and shapes; after ``shown`` inputs of one shape, the rest of that shape are counted."""
+    by_shape: dict[str, list[str]] = {}
+    for name, shape in shapes.items():
+        by_shape.setdefault(str(shape), []).append(name)
+    parts = []
+    for shape, names in by_shape.items():
+        parts += [f"`{n}` {shape}" for n in names[:shown]]
+        if len(names) > shown:
+            parts.append(f"{len(names) - shown} more inputs of shape {shape} (`{names[shown]}` to `{names[-1]}`)")
+    return ", ".join(parts)
+
+
 def _section(spec: str, result: BenchResult | str, plot: Path | None, out_dir: Path) -> str:
     title = f"## {spec}\n\n"
     if isinstance(result, str):
         return title + f"Not measured: {result}\n"
     p = result.protocol
-    feed = ", ".join(f"`{k}` {v}" for k, v in p["latency_feed"].items())
+    feed = _feed_text(p["latency_feed"])
     parts = [
         title + f"Accuracy: {p['data']}. Calibration: {p['calibration_feeds']} feeds. Latency feed: {feed}; "
         f"{p['repeats']} interleaved rounds after warm-up ({p['warmup_rounds']}), {p['threads']} threads. "

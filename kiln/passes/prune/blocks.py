@@ -122,8 +122,9 @@ class PruneBlocks(KilnPass):
         else:  # last first: a dropped sublayer's output may be the residual input of the next dropped one
             for sublayer in reversed(dropped_sublayers):
                 _bypass(model.graph, sublayer)
+        removed: tuple[list[str], list[str]] = ([], [])
         if any(s.kind == "attention" and s.attention.past for s in dropped_sublayers):
-            _drop_cache(model, structure, [s for s in dropped_sublayers if s.kind == "attention"])
+            removed = _drop_cache(model, structure, [s for s in dropped_sublayers if s.kind == "attention"])
         _edit.finish(model)
         self.details = {
             "unit": opts.unit,
@@ -138,6 +139,9 @@ class PruneBlocks(KilnPass):
             "scores": scores,
             "parameters_before": before,
             "parameters_after": parameter_count(model),
+            # The KV cache of dropped attention sublayers leaves the graph's signature; verification expects it.
+            "removed_inputs": removed[0],
+            "removed_outputs": removed[1],
         }
         return ir.passes.PassResult(model, modified=True)
 
@@ -207,9 +211,12 @@ def _bypass(graph: ir.Graph, sublayer: Sublayer) -> None:
         output.replace_all_uses_with(residual)
 
 
-def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) -> None:
-    """Remove the KV-cache inputs and outputs of dropped attention sublayers from the graph's signature."""
+def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) -> tuple[list[str], list[str]]:
+    """Remove the KV-cache inputs and outputs of dropped attention sublayers from the graph's signature; return the
+    names of the removed inputs and outputs."""
     graph = model.graph
+    removed_inputs: list[str] = []
+    removed_outputs: list[str] = []
     gone = {id(s) for s in dropped}
     kept = [s.attention for s in structure.attentions() if id(s) not in gone]
     if not kept:
@@ -218,6 +225,7 @@ def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) 
         attention = sublayer.attention
         for present in attention.present:
             graph.outputs.remove(present)
+            removed_outputs.append(str(present.name))
         for role, past in enumerate(attention.past):
             substitute = kept[0].past[role] if role < len(kept[0].past) else kept[0].past[0]
             for use in list(past.uses()):
@@ -232,6 +240,8 @@ def _drop_cache(model: ir.Model, structure: Structure, dropped: list[Sublayer]) 
                     f"prune.blocks: KV-cache input {past.name!r} is still read by {user.op_type} node {user.name!r}"
                 )
             graph.inputs.remove(past)
+            removed_inputs.append(str(past.name))
+    return removed_inputs, removed_outputs
 
 
 def _output_errors(model: ir.Model, units: list[tuple[Sublayer, ...]], feeds: list[Feed]) -> list[float]:

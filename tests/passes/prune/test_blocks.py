@@ -195,3 +195,16 @@ def test_smollm2_decode_loses_the_cache_of_dropped_attention(smollm2_decode_path
     logits, *present = run(model, feed)
     assert logits.shape == (4, 1, 49152) and np.isfinite(logits).all()
     assert present[0].shape[2] == feed["past_key_values.0.key"].shape[2] + 1
+
+
+@pytest.mark.zoo
+def test_pruned_decode_graph_compiles_and_verifies_on_its_remaining_outputs(tmp_path: Path) -> None:
+    result = kiln.compile_model(
+        "smollm2-135m/decode", tmp_path / "out", "prune-attn-half", verify_limit=2, accept_out_of_tolerance=True
+    )
+    report = result.report["verification"]
+    removed = report["removed_outputs"]
+    assert len(removed) == 30 and all(name.startswith("present.") for name in removed)  # 15 layers' key and value
+    compared = set(report["outputs"])
+    assert "logits" in compared and len(compared) == 61 - 30 and not compared & set(removed)
+    assert all(o["cosine"] > 0.5 for o in report["outputs"].values())
