@@ -520,7 +520,7 @@ def run_bench(spec: str | Path, options: BenchOptions | None = None, progress: P
     kiln_entries, settings, skipped = _kiln_entries(subject, chosen, options, budget, progress)
     skipped = broken + skipped
     base_entries, base_skipped = _baseline_entries(subject, options, settings, budget, progress)
-    entries = base_entries + kiln_entries
+    entries = base_entries + sorted(kiln_entries, key=lambda e: e.name)  # tables do not follow the build order
     skipped += base_skipped
     reference = entries[0].name  # ort-fp32 always comes first
 
