@@ -46,6 +46,10 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <omp.h>
 
+/* Plane bytes below which a row runs on one thread: waking a second thread costs more than it saves on small
+   matrices, and far more when the cores are busy (ONNX Runtime's own pool, other processes). */
+#define PARALLEL_MIN_BYTES (1 << 20)
+
 static void build_tables(const float* a, int64_t k, int64_t bytes, float* t) {
     for (int64_t c = 0; c < bytes; ++c) {
         float x[8];
@@ -74,7 +78,7 @@ void shiftadd_matmul(const float* a, int64_t rows, int64_t k, const uint8_t* pla
     for (int e = -128; e < 128; ++e) pow2[e + 128] = ldexp(1.0, e);
     for (int64_t r = 0; r < rows; ++r) {
         build_tables(a + r * k, k, bytes, tables);
-        #pragma omp parallel for schedule(static) num_threads(threads)
+        #pragma omp parallel for schedule(static) num_threads(threads) if(n * bits * bytes >= PARALLEL_MIN_BYTES)
         for (int64_t col = 0; col < n; ++col) {
             const uint8_t* p[4];
             const int8_t* e[4];
@@ -226,11 +230,12 @@ A8_BLOCK(4)
 void shiftadd_matmul_a8(const float* a, int64_t rows, int64_t k, const uint8_t* wt, const int8_t* ex, int64_t n,
                         int64_t bits, int64_t group, float* y, uint8_t* tables, int* aex, int threads) {
     int64_t bytes = (k + 7) / 8, groups = (k + group - 1) / group, per = group / 8, blocks = (n + 31) / 32;
+    int64_t plane_bytes = blocks * 32 * bits * bytes;
     uint8_t* tl = tables;
     uint8_t* th = tables + 32 * bytes;
     for (int64_t r = 0; r < rows; ++r) {
         quantize_tables(a + r * k, k, group, groups, bytes, tl, th, aex);
-        #pragma omp parallel for schedule(static) num_threads(threads)
+        #pragma omp parallel for schedule(static) num_threads(threads) if(plane_bytes >= PARALLEL_MIN_BYTES)
         for (int64_t b = 0; b < blocks; ++b) {
             double out[32];
             switch (bits) {

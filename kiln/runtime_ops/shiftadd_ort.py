@@ -52,14 +52,19 @@ def session_options(threads: int = 1, activations: shiftadd_kernel.Activations =
     activations per group, as MatMulNBits' accuracy_level 4) or "float" (float tables, float32 rounding only). The
     settings are the process's: every session of these options shares them.
     """
+    configure(threads, activations)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(_extensions())
+    return options
+
+
+def configure(threads: int, activations: shiftadd_kernel.Activations) -> None:
+    """Set the kernel's threads and activation mode for every session of this process from now on."""
     if threads < 1:
         raise KilnError(f"threads must be >= 1, got {threads}")
     if activations not in ("float", "int8"):
         raise KilnError(f"activations must be 'float' or 'int8', got {activations!r}")
     _settings["threads"], _settings["activations"] = threads, activations
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(_extensions())
-    return options
 
 
 def use_kernel(model: ir.Model) -> int:
