@@ -110,6 +110,7 @@ def write_llama(
     intermediate: int,
     vocab: int,
     heads: int,
+    kv_heads: int = 0,
     seed: int = 0,
 ) -> Path:
     """Write ``directory/model.onnx``: a Llama-shaped decoder with random fp32 weights in external data.
@@ -119,6 +120,8 @@ def write_llama(
     Ops are spelled as exporters write them before fusion (RMSNorm as Mul/ReduceMean/Add/Sqrt/Reciprocal, SiLU as
     Sigmoid*Mul); rotary embeddings and the causal mask are left out, since they hold no weights. Like
     :func:`write_matmul_chain`, weights are generated and written one at a time, so the model may exceed memory.
+    ``kv_heads`` (0: ``heads``) makes grouped-query attention: K and V have ``kv_heads`` heads, repeated to
+    ``heads`` by Unsqueeze -> Expand -> Reshape as exporters write ``repeat_kv``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,7 +161,15 @@ def write_llama(
         last_axis = small("last_axis", np.array([-1], np.int64))
         eps = small("eps", np.array(1e-5, np.float32))
         scale = small("attention_scale", np.array(1 / np.sqrt(head_dim), np.float32))
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         split_heads = small("split_heads", np.array([0, 0, heads, head_dim], np.int64))
+        if kv_heads != heads:
+            split_kv = small("split_kv_heads", np.array([0, 0, kv_heads, head_dim], np.int64))
+            unsqueeze_axis = small("repeat_axis", np.array([2], np.int64))
+            repeat = small("repeat_shape", np.array([1, kv_heads, heads // kv_heads, 1, head_dim], np.int64))
+            repeated = small("repeated_shape", np.array([0, heads, -1, head_dim], np.int64))
         merge_heads = small("merge_heads", np.array([0, 0, hidden], np.int64))
 
         def rms_norm(x: ir.Value, prefix: str) -> ir.Value:
@@ -170,15 +181,24 @@ def write_llama(
         def heads_of(x: ir.Value, perm: list[int], name: str) -> ir.Value:
             return op("Transpose", [op("Reshape", [x, split_heads], f"{name}.split")], f"{name}.heads", perm=perm)
 
+        def kv_heads_of(x: ir.Value, perm: list[int], name: str) -> ir.Value:
+            """[batch, seq, kv * d] -> [batch, heads, seq, d] (repeated), then ``perm``."""
+            if kv_heads == heads:
+                return heads_of(x, perm, name)
+            split = op("Transpose", [op("Reshape", [x, split_kv], f"{name}.split")], f"{name}.kv", perm=[0, 2, 1, 3])
+            grown = op("Expand", [op("Unsqueeze", [split, unsqueeze_axis], f"{name}.unsqueeze"), repeat], f"{name}.x")
+            return op("Transpose", [op("Reshape", [grown, repeated], f"{name}.repeated")], f"{name}.heads", perm=perm)
+
         input_ids = value("input_ids", ["batch", "seq"], ir.DataType.INT64)
         h = op("Gather", [weight("embed_tokens", (vocab, hidden)), input_ids], "embed")
         for i in range(layers):
             p = f"layers.{i}"
             x = rms_norm(h, f"{p}.input_norm")
-            proj = {n: op("MatMul", [x, weight(f"{p}.{n}_proj", (hidden, hidden))], f"{p}.{n}") for n in "qkv"}
+            widths = {"q": hidden, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+            proj = {n: op("MatMul", [x, weight(f"{p}.{n}_proj", (hidden, w))], f"{p}.{n}") for n, w in widths.items()}
             q = heads_of(proj["q"], [0, 2, 1, 3], f"{p}.q")
-            k = heads_of(proj["k"], [0, 2, 3, 1], f"{p}.k")
-            v = heads_of(proj["v"], [0, 2, 1, 3], f"{p}.v")
+            k = kv_heads_of(proj["k"], [0, 2, 3, 1] if kv_heads == heads else [0, 1, 3, 2], f"{p}.k")
+            v = kv_heads_of(proj["v"], [0, 2, 1, 3] if kv_heads == heads else [0, 1, 2, 3], f"{p}.v")
             scores = op("Mul", [op("MatMul", [q, k], f"{p}.qk"), scale], f"{p}.scores")
             context = op("MatMul", [op("Softmax", [scores], f"{p}.probs", axis=-1), v], f"{p}.context")
             merged = op("Reshape", [op("Transpose", [context], f"{p}.t", perm=[0, 2, 1, 3]), merge_heads], f"{p}.m")

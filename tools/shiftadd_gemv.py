@@ -60,9 +60,10 @@ def main() -> None:
             single = _packed(k, n, bits, args.group_size, 0)
             copies = kernels.copies_for(single.nbytes, footprint)
             stacked = _packed(k, n * copies, bits, args.group_size, bits)
-            name = f"kiln shift-add {bits}-bit LUT (g{args.group_size})"
-            runs[name] = lambda p=stacked, a=x: shiftadd_kernel.matmul(a, p, args.threads)
-            sizes[name] = (single.nbytes, copies, "")
+            for activations in ("float", "int8"):
+                name = f"kiln shift-add {bits}-bit LUT (g{args.group_size}, {activations} activations)"
+                runs[name] = lambda p=stacked, a=x, m=activations: shiftadd_kernel.matmul(a, p, args.threads, m)
+                sizes[name] = (single.nbytes, copies, "")
         latency = time_interleaved(runs, warmup=2, repeats=args.repeats)
         fp32_us = latency["ORT fp32 MatMul"].median_ms * 1e3 / sizes["ORT fp32 MatMul"][1]
         for name, (per_matrix, copies, note) in sizes.items():

@@ -20,7 +20,7 @@ from kiln.errors import KilnError
 from kiln.runtime_ops import shiftadd, shiftadd_kernel
 
 KERNEL_DOMAIN = "ai.onnx.contrib"
-_settings = {"threads": 1}
+_settings: dict[str, object] = {"threads": 1, "activations": "int8"}
 
 
 @functools.cache
@@ -40,19 +40,31 @@ def _extensions() -> str:
     )
     def shift_add_matmul(a: np.ndarray, planes: np.ndarray, exponents: np.ndarray, **attrs: int) -> np.ndarray:
         packed = shiftadd.PackedWeight(planes, exponents, attrs["K"], attrs["N"], attrs["bits"], attrs["group_size"])
-        return shiftadd_kernel.matmul(a, packed, _settings["threads"])
+        return shiftadd_kernel.matmul(a, packed, _settings["threads"], _settings["activations"])
 
     return get_library_path()
 
 
-def session_options(threads: int = 1) -> ort.SessionOptions:
-    """ONNX Runtime session options that run ShiftAddMatMul nodes of ``use_kernel`` models on the kernel."""
-    if threads < 1:
-        raise KilnError(f"threads must be >= 1, got {threads}")
-    _settings["threads"] = threads
+def session_options(threads: int = 1, activations: shiftadd_kernel.Activations = "int8") -> ort.SessionOptions:
+    """ONNX Runtime session options that run ShiftAddMatMul nodes of ``use_kernel`` models on the kernel.
+
+    ``activations`` picks the kernel (:func:`kiln.runtime_ops.shiftadd_kernel.matmul`): "int8" (the fast one; 8-bit
+    activations per group, as MatMulNBits' accuracy_level 4) or "float" (float tables, float32 rounding only). The
+    settings are the process's: every session of these options shares them.
+    """
+    configure(threads, activations)
     options = ort.SessionOptions()
     options.register_custom_ops_library(_extensions())
     return options
+
+
+def configure(threads: int, activations: shiftadd_kernel.Activations) -> None:
+    """Set the kernel's threads and activation mode for every session of this process from now on."""
+    if threads < 1:
+        raise KilnError(f"threads must be >= 1, got {threads}")
+    if activations not in ("float", "int8"):
+        raise KilnError(f"activations must be 'float' or 'int8', got {activations!r}")
+    _settings["threads"], _settings["activations"] = threads, activations
 
 
 def use_kernel(model: ir.Model) -> int:

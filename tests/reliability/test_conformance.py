@@ -122,6 +122,45 @@ def test_node_conformance_through_cleanup(tmp_path: Path):
     assert len(outcomes["passed"]) >= 0.9 * len(cases), counts
 
 
+def check_node_test_on_tvm(case: Path, out_dir: Path) -> str:
+    """The outcome of one node test built and run by the tvm-llvm target: "passed", "refused" (a KilnError) or
+    "wrong"; any other exception propagates (a crash)."""
+    from kiln import targets
+
+    graph = onnx.load(str(case / "model.onnx"), load_external_data=False).graph
+    data = case / "test_data_set_0"
+    expected = {v.name: _read(data / f"output_{i}.pb", v.type) for i, v in enumerate(graph.output)}
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    feed = {v.name: _read(data / f"input_{i}.pb", v.type) for i, v in enumerate(inputs)}
+    target = targets.get("tvm-llvm")
+    build_dir = out_dir / case.name
+    build_dir.mkdir()
+    try:
+        target.build(case / "model.onnx", build_dir)
+        got = target.load(build_dir)(feed)
+    except KilnError:
+        return "refused"
+    return "passed" if all(_matches(got.get(name), value) for name, value in expected.items()) else "wrong"
+
+
+def test_node_conformance_through_tvm(tmp_path: Path):
+    """Every per-operator test through the tvm-llvm target: it runs right or is refused with a KilnError (an op
+    the importer lacks or converts wrongly, or TVM's own failure as one line), never a crash or a wrong result."""
+    pytest.importorskip("tvm")
+    cases = sorted(p for p in NODE_TESTS.iterdir() if (p / "model.onnx").is_file())
+    outcomes: dict[str, list[str]] = collections.defaultdict(list)
+    for case in cases:
+        outcomes[check_node_test_on_tvm(case, tmp_path)].append(case.name)
+    counts = {outcome: len(names) for outcome, names in sorted(outcomes.items())}
+    print(
+        f"\nlibonnx-testdata node tests through tvm-llvm: {len(cases)} tests, {counts}, "
+        f"pass rate {len(outcomes['passed']) / len(cases):.1%}"
+    )
+    assert not outcomes["wrong"], outcomes["wrong"]
+    assert len(outcomes["passed"]) >= 0.5 * len(cases), counts
+
+
 def test_sequence_typed_if_output_in_a_loop_body_keeps_its_type(tmp_path: Path):
     """Regression: onnx_ir's ShapeInferencePass merged dtypes only and typed this If output tensor(float)."""
     assert check_node_test(NODE_TESTS / "test_loop16_seq_none", tmp_path) == "passed"

@@ -61,9 +61,44 @@ def test_onnx_runtime_runs_the_kernel_on_a_compiled_model() -> None:
     function_form = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     assert shiftadd_ort.use_kernel(model) == 2
     assert not model.functions and shiftadd.DOMAIN not in model.opset_imports
-    kernel = ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), shiftadd_ort.session_options(2), providers=["CPUExecutionProvider"]
-    )
     x = RNG.integers(-3, 4, (8, 64)).astype(np.float32)
     expected = function_form.run(None, {"x": x})[0]
-    np.testing.assert_allclose(kernel.run(None, {"x": x})[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    scale = np.abs(expected).max()
+    # The second layer's input is a float hidden state: exact tables agree to float32 rounding, 8-bit ones to 1%.
+    for activations, atol in (("float", 1e-5), ("int8", 1e-2)):
+        options = shiftadd_ort.session_options(2, activations)
+        proto = ir.to_proto(model).SerializeToString()
+        kernel = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(kernel.run(None, {"x": x})[0], expected, rtol=0, atol=atol * scale)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "group", "rows"),
+    [(64, 16, 3, 32, 1), (37, 5, 3, 16, 3), (300, 33, 4, 64, 2), (129, 7, 1, 128, 1), (1000, 70, 2, 256, 2)],
+)
+def test_int8_activation_kernel(k: int, n: int, bits: int, group: int, rows: int) -> None:
+    """Bit for bit on integer activations up to 255 (ragged K and N, groups over 128 included); within its 8-bit
+    activation rounding on float activations."""
+    if not shiftadd_kernel.has_int8_kernel():
+        pytest.skip("this CPU has no AVX2")
+    packed = _random(k, n, bits, group)
+    integers = RNG.integers(-255, 256, (rows, k)).astype(np.float32)
+    got = shiftadd_kernel.matmul(integers, packed, 2, "int8")
+    assert np.array_equal(got, shiftadd.reference(integers, packed))
+    a = RNG.standard_normal((rows, k)).astype(np.float32)
+    expected = shiftadd.reference(a, packed)
+    error = np.abs(shiftadd_kernel.matmul(a, packed, 2, "int8") - expected).max() / np.abs(expected).max()
+    assert 1e-5 < error < 1e-2  # rounded, but only as much as 8-bit activations are
+
+
+def test_int8_kernel_notices_a_weight_changed_in_place() -> None:
+    """The column-blocked copy is keyed by buffer address; new bytes in the same buffer are a new weight."""
+    if not shiftadd_kernel.has_int8_kernel():
+        pytest.skip("this CPU has no AVX2")
+    packed = _random(256, 64, 2, 64)
+    x = RNG.integers(-8, 9, (1, 256)).astype(np.float32)
+    first = shiftadd_kernel.matmul(x, packed, 1, "int8")
+    packed.planes[:] = ~packed.planes  # every sign flips: W becomes -W
+    assert np.array_equal(shiftadd_kernel.matmul(x, packed, 1, "int8"), -first)
+    with pytest.raises(KilnError, match="activations must be 'float' or 'int8', got 'int4'"):
+        shiftadd_kernel.matmul(x, packed, 1, "int4")

@@ -16,7 +16,12 @@ stay per layer).
 Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
 to O's bias (a bias Add is inserted when O has none), so the output keeps its mean.
 
-Grouped-query attention (query heads sharing KV heads) is refused with a KilnError naming the attention.
+Grouped-query attention (``r`` query heads per KV head, the KV heads repeated ``r`` times by an
+Unsqueeze -> Expand -> Reshape as exporters write ``repeat_kv``): K and V stay whole, and every KV group loses the
+same number of query heads, each group its lowest-scored ones, so the kept heads still come in contiguous groups and
+the repeat count drops from ``r`` to ``r'`` (rewritten in the Expand's shape, and the head count in the Reshape after
+it). Heads are therefore removed in steps of one per group: a layer's removal is a multiple of its KV head count,
+and "global" ranks such steps by their heads' mean score. A GQA graph without that repeat pattern is refused.
 Details record per layer the heads kept and removed with their scores, and the parameter counts.
 """
 
@@ -79,14 +84,11 @@ class PruneHeads(KilnPass):
         sublayers = find_structure(model).attentions()
         if not sublayers:
             raise KilnError("prune.heads: the model has no attention sublayers left")
+        repeats = {}
         for sublayer in sublayers:
             attention = sublayer.attention
             if attention.num_kv_heads != attention.num_heads:
-                raise KilnError(
-                    f"prune.heads: attention at Softmax {attention.softmax.name!r} uses grouped-query attention "
-                    f"({attention.num_heads} query heads share {attention.num_kv_heads} KV heads), which prune.heads "
-                    "does not slice"
-                )
+                repeats[id(attention)] = _kv_repeats(attention)
             if attention.past:
                 raise KilnError(
                     f"prune.heads: attention at Softmax {attention.softmax.name!r} reads a KV cache "
@@ -112,6 +114,12 @@ class PruneHeads(KilnPass):
             )
             if drop:
                 _remove_heads(attention, sorted(drop), contexts[attention.o.input], opts.bias_compensation, shapes)
+                for expand, reshape in repeats.get(id(attention), []):
+                    group = attention.num_heads // attention.num_kv_heads
+                    kept_group = group - len(drop) // attention.num_kv_heads
+                    _rewrite_shape(expand, position=2, old=group, new=kept_group, names=shapes)
+                    kept = attention.num_heads - len(drop)
+                    _rewrite_shape(reshape, position=1, old=attention.num_heads, new=kept, names=shapes)
         _edit.finish(model)
         self.details = {
             "importance": "activation: sum over the head's channels of E[x^2] * ||W_o row||^2",
@@ -138,27 +146,79 @@ class PruneHeads(KilnPass):
     ) -> list[set[int]]:
         """The heads to remove, per layer."""
         opts = self.options
+        steps = [_steps(score, s.attention.num_kv_heads) for s, score in zip(sublayers, scores, strict=True)]
         if opts.allocation == "uniform":
             removed = []
-            for score in scores:
-                n = len(score)
-                keep = opts.heads if opts.heads else n - round(opts.ratio * n)
-                if not 1 <= keep <= n:
-                    raise KilnError(f"prune.heads: cannot keep {keep} of {n} heads per layer")
-                removed.append({int(h) for h in np.argsort(score, kind="stable")[: n - keep]})
+            for score, layer_steps in zip(scores, steps, strict=True):
+                n, size = len(score), len(layer_steps[0])
+                keep = opts.heads if opts.heads else n - size * round(opts.ratio * n / size)
+                if not 1 <= keep <= n or (n - keep) % size:
+                    raise KilnError(
+                        f"prune.heads: cannot keep {keep} of {n} heads per layer"
+                        + (f" (grouped-query attention: remove a multiple of {size})" if size > 1 else "")
+                    )
+                removed.append({h for step in layer_steps[: (n - keep) // size] for h in step})
             return removed
         relative = [score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores, strict=True)]
         total = sum(len(score) for score in scores)
         budget = round(opts.ratio * total)
-        candidates = sorted((float(r), layer, h) for layer, rel in enumerate(relative) for h, r in enumerate(rel))
-        removed = [set() for _ in scores]
-        for _, layer, head in candidates:
-            if budget == 0:
-                break
-            if len(scores[layer]) - len(removed[layer]) > opts.min_heads:
-                removed[layer].add(head)
-                budget -= 1
+        # Steps in order of their heads' mean relative score; a layer's steps come in its own order (rising scores).
+        candidates = sorted(
+            (float(np.mean(rel[list(step)])), layer, index)
+            for layer, (rel, layer_steps) in enumerate(zip(relative, steps, strict=True))
+            for index, step in enumerate(layer_steps)
+        )
+        removed: list[set[int]] = [set() for _ in scores]
+        taken = [0] * len(scores)
+        for _, layer, _ in candidates:
+            step = steps[layer][taken[layer]]  # the layer's next step (scores rise along a layer's steps)
+            if budget < len(step):
+                continue
+            if len(scores[layer]) - len(removed[layer]) - len(step) >= opts.min_heads:
+                removed[layer].update(step)
+                taken[layer] += 1
+                budget -= len(step)
         return removed
+
+
+def _steps(score: np.ndarray, kv_heads: int) -> list[tuple[int, ...]]:
+    """A layer's removal steps, cheapest first: one head each (MHA), or one head of every KV group (GQA), each
+    group giving up its lowest-scored remaining head."""
+    heads = len(score)
+    group = heads // kv_heads
+    order = [
+        [g * group + int(h) for h in np.argsort(score[g * group : (g + 1) * group], kind="stable")]
+        for g in range(kv_heads)
+    ]
+    if kv_heads == heads:
+        return [(int(h),) for h in np.argsort(score, kind="stable")]
+    return [tuple(order[g][j] for g in range(kv_heads)) for j in range(group)]
+
+
+def _kv_repeats(attention: Attention) -> list[tuple[ir.Node, ir.Node]]:
+    """The (Expand, Reshape) pairs repeating K and V from KV heads to query heads, found along their dataflow."""
+    pairs = []
+    for projection in (attention.k, attention.v):
+        found, frontier, seen = None, [projection.output], 0
+        while frontier and found is None and seen < 64:
+            value = frontier.pop(0)
+            for use in value.uses():
+                node, seen = use.node, seen + 1
+                if node.op_type == "Expand" and use.idx == 0:
+                    after = [u.node for u in node.outputs[0].uses()]
+                    if len(after) == 1 and after[0].op_type == "Reshape":
+                        found = (node, after[0])
+                        break
+                if node.op_type not in ("MatMul", "Softmax"):  # the repeat comes before attention's matmuls
+                    frontier.extend(node.outputs)
+        if found is None:
+            raise KilnError(
+                f"prune.heads: attention at Softmax {attention.softmax.name!r} uses grouped-query attention "
+                f"({attention.num_heads} query heads share {attention.num_kv_heads} KV heads), but no "
+                "Unsqueeze -> Expand -> Reshape repeats its K or V to the query heads: prune.heads cannot slice it"
+            )
+        pairs.append(found)
+    return pairs
 
 
 def _scores(attention: Attention, context: ChannelMoments) -> np.ndarray:
@@ -175,8 +235,10 @@ def _remove_heads(
     kept_heads = heads - len(drop)
     dropped_channels = np.concatenate([np.arange(h * d, (h + 1) * d) for h in drop])
     keep = _edit.keep_indices(heads * d, set(dropped_channels.tolist()))
+    # With grouped-query attention K and V keep every KV head: only Q's heads (and O's rows) go.
+    sliced = (attention.q,) if attention.num_kv_heads != heads else (attention.q, attention.k, attention.v)
     # Head counts first: the Reshape nodes are found from the projections' outputs, which slicing keeps.
-    for projection in (attention.q, attention.k, attention.v):
+    for projection in sliced:
         for use in list(projection.output.uses()):
             if use.node.op_type == "Reshape" and use.idx == 0:
                 _rewrite_shape(use.node, position=2, old=heads, new=kept_heads, names=shapes)
@@ -188,7 +250,7 @@ def _remove_heads(
         w_o = _edit.weight_array(o.weight).astype(np.float64)
         delta = context.mean[dropped_channels] @ w_o[dropped_channels]
         o = _edit.add_to_bias(o, delta, names)
-    for projection in (attention.q, attention.k, attention.v):
+    for projection in sliced:
         _edit.slice_projection(projection, keep, axis=1, names=names)
     _edit.slice_projection(o, keep, axis=0, names=names)
 

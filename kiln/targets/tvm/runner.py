@@ -75,7 +75,8 @@ class TvmRunner(Runner):
         return counts.pop()
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+        # np.ascontiguousarray would turn a 0-d input into shape [1], which the library refuses.
+        args = [self._tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays]
         out = self.vm["main"](*args)
         items = [out] if hasattr(out, "numpy") else list(out)
         return [item.numpy() for item in items]

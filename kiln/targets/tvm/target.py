@@ -27,16 +27,18 @@ Options (both targets):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, describe
 from kiln.targets.base import Target
 from kiln.targets.tvm import lower, relax_build, tune
 from kiln.targets.tvm.runner import LIBRARY, METADATA, TvmRunner
@@ -79,6 +81,20 @@ class TvmOptions:
             tune.RpcSpec.parse(self.rpc_tracker, self.rpc_key)
 
 
+@contextlib.contextmanager
+def _tvm_errors(model_file: Path, stage: str) -> Iterator[None]:
+    """TVM's own failures (importer assertions, schedule errors, failed checks) as one KilnError line."""
+    try:
+        yield
+    except KilnError:
+        raise
+    except Exception as e:
+        text = describe(e)
+        kind = type(e).__name__
+        text = text if text.startswith(kind) else f"{kind}: {text}"
+        raise KilnError(f"{model_file}: TVM failed to {stage} the model: {text}") from None
+
+
 class TvmTarget(Target):
     """What both TVM targets share; subclasses name the LLVM triple and default CPU."""
 
@@ -108,7 +124,8 @@ class TvmTarget(Target):
         start = time.perf_counter()
         prepared = lower.prepare(model_file, opts.input_shapes, opts.dims, opts.max_weight_mb)
         target = self.tvm_target()
-        mod = relax_build.legalize(relax_build.import_onnx(prepared.proto, prepared.shapes), target)
+        with _tvm_errors(model_file, "import"):
+            mod = relax_build.legalize(relax_build.import_onnx(prepared.proto, prepared.shapes), target)
         details: dict[str, Any] = {
             "options": dataclasses.asdict(opts),
             "tvm_target": str(target),
@@ -128,10 +145,12 @@ class TvmTarget(Target):
             details["tuning"] = tune.tune(
                 mod, target, database, work_dir, trials=opts.trials, time_budget_s=opts.time_budget_s, rpc=rpc
             )
-        scheduled = relax_build.schedule(mod, target, database)
-        done, total = relax_build.count_scheduled(scheduled)
-        details["scheduled_functions"] = {"scheduled": done, "total": total}
-        relax_build.compile_module(scheduled, target).export_library(str(out_dir / LIBRARY), **self.export_options())
+        with _tvm_errors(model_file, "compile"):
+            scheduled = relax_build.schedule(mod, target, database)
+            done, total = relax_build.count_scheduled(scheduled)
+            details["scheduled_functions"] = {"scheduled": done, "total": total}
+            library = relax_build.compile_module(scheduled, target)
+            library.export_library(str(out_dir / LIBRARY), **self.export_options())
         self.build_host_twin(scheduled, out_dir)
         metadata = {
             "inputs": [{"name": n, "dtype": prepared.dtypes[n], "shape": s} for n, s in prepared.shapes.items()],

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from prunegraphs import bert, run, set_weight, weight
+from prunegraphs import bert, llama, run, set_weight, weight
 
 import kiln
 from kiln.compiler import registry
@@ -130,11 +130,67 @@ def test_more_heads_than_the_model_has() -> None:
         _prune(bert(layers=1), heads=5)
 
 
-@pytest.mark.zoo
-def test_grouped_query_attention_is_refused(smollm2_path: Path) -> None:
-    message = "uses grouped-query attention (9 query heads share 3 KV heads), which prune.heads does not slice"
+def _gqa(tmp_path: Path) -> ir.Model:
+    """Llama-shaped, 6 query heads of size 8 sharing 2 KV heads (groups of 3)."""
+    return llama(tmp_path, layers=2, hidden=48, heads=6, kv_heads=2)
+
+
+def _tokens(seed: int) -> dict[str, np.ndarray]:
+    return {"input_ids": np.random.default_rng(seed).integers(0, 40, (2, 5), dtype=np.int64)}
+
+
+def test_grouped_query_attention_loses_one_head_per_group_and_keeps_kv(tmp_path: Path) -> None:
+    model = _gqa(tmp_path)
+    for layer, silent in ((0, [1, 5]), (1, [0, 4])):  # one head of each group contributes nothing
+        w_o = weight(model, f"layers.{layer}.o_proj").copy()
+        for h in silent:
+            w_o[h * 8 : (h + 1) * 8] = 0
+        set_weight(model, f"layers.{layer}.o_proj", w_o)
+    expected = run(model, _tokens(0))[0]
+    pass_ = PruneHeads(HeadsOptions(heads=4), PassContext(calibration=CalibrationData([_tokens(1), _tokens(2)])))
+    kiln.Pipeline([pass_])(model)
+    assert [layer["removed"] for layer in pass_.details["layers"]] == [[1, 5], [0, 4]]
+    np.testing.assert_allclose(run(model, _tokens(0))[0], expected, rtol=1e-5, atol=1e-5)
+    for block in find_structure(model).blocks:
+        attention = block.attention.attention
+        assert (attention.num_heads, attention.num_kv_heads) == (4, 2)
+        assert [p.shape for p in (attention.q, attention.k, attention.v, attention.o)] == [
+            (48, 32),
+            (48, 16),
+            (48, 16),
+            (32, 48),
+        ]
+    shapes = {v.name: v.const_value.numpy().tolist() for v in model.graph.initializers.values() if "shape" in v.name}
+    assert [1, 2, 2, 1, 8] in shapes.values() and [0, 4, -1, 8] in shapes.values()  # repeat 3 -> 2, 6 -> 4 heads
+
+
+def test_grouped_query_attention_removes_whole_steps(tmp_path: Path) -> None:
+    message = "cannot keep 5 of 6 heads per layer (grouped-query attention: remove a multiple of 2)"
     with pytest.raises(KilnError, match=re.escape(message)):
-        _prune(kiln.load(smollm2_path), heads=6)
+        PruneHeads(HeadsOptions(heads=5), PassContext(calibration=CalibrationData([_tokens(1)])))(_gqa(tmp_path))
+
+
+@pytest.mark.zoo
+def test_smollm2_grouped_query_attention(smollm2_path: Path) -> None:
+    from kiln import zoo
+
+    model = kiln.load(smollm2_path)
+    feed = zoo.get("smollm2-135m").verification_feeds("full", limit=1)[0]
+    feed = {"input_ids": feed["input_ids"][:, :64]}
+    before = run(model, feed)[0]
+    windows = zoo.get("smollm2-135m").calibration_feeds("full", limit=2)
+    calibration = CalibrationData([{"input_ids": f["input_ids"][:, :64]} for f in windows])
+    pass_ = PruneHeads(HeadsOptions(heads=6), PassContext(calibration=calibration))
+    kiln.Pipeline([pass_])(model)
+    assert pass_.details["heads_kept"] == [6] * 30
+    # Q columns and O rows of 3 heads of 64 per layer (K and V whole), less the O bias compensation adds, less a
+    # few elements of new shape constants (repeat 3 -> 2, heads 9 -> 6)
+    removed = pass_.details["parameters_before"] - pass_.details["parameters_after"]
+    assert 0 <= 30 * (2 * 3 * 64 * 576 - 576) - removed <= 4
+    after = run(model, feed)[0]
+    assert after.shape == before.shape
+    agreement = np.mean(after.argmax(-1) == before.argmax(-1))
+    assert 0.3 < agreement < 1.0  # a third of every layer's heads gone: changed, not destroyed
 
 
 @pytest.mark.zoo

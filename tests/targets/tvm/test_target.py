@@ -117,3 +117,76 @@ def test_oversized_model_is_refused_with_the_limit(tmp_path: Path):
     path = testing.write_matmul_chain(tmp_path / "in", layers=2, dim=512)
     with pytest.raises(KilnError, match=r"2 MB of weights once lowered for TVM .* over max_weight_mb \(1\)"):
         kiln.compile_model(path, tmp_path / "out", _recipe(), target_options={"max_weight_mb": 1, **BATCH1})
+
+
+def _save_onnx(tmp_path: Path, nodes, inputs, outputs, name: str) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, name, inputs, outputs)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path
+
+
+def test_scalar_inputs_run(tmp_path: Path):
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    path = _save_onnx(
+        tmp_path,
+        [helper.make_node("Clip", ["x", "lo", "hi"], ["y"])],
+        [helper.make_tensor_value_info(n, f32, s) for n, s in (("x", [2, 3]), ("lo", []), ("hi", []))],
+        [helper.make_tensor_value_info("y", f32, [2, 3])],
+        "clip",
+    )
+    target = targets.get("tvm-llvm")
+    target.build(path, tmp_path)
+    x = np.array([[-2, -0.5, 0], [0.5, 1, 3]], np.float32)
+    y = target.load(tmp_path)({"x": x, "lo": np.array(-1, np.float32), "hi": np.array(1, np.float32)})["y"]
+    np.testing.assert_array_equal(y, np.clip(x, -1, 1))
+
+
+def test_forms_the_importer_converts_wrongly_are_refused(tmp_path: Path):
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    path = _save_onnx(
+        tmp_path,
+        [helper.make_node("LayerNormalization", ["x", "w"], ["y", "mean"], axis=-1, name="ln")],
+        [helper.make_tensor_value_info("x", f32, [2, 4]), helper.make_tensor_value_info("w", f32, [4])],
+        [helper.make_tensor_value_info("y", f32, [2, 4]), helper.make_tensor_value_info("mean", f32, [2, 1])],
+        "ln",
+    )
+    with pytest.raises(KilnError, match=r"LayerNormalization \(Mean/InvStdDev outputs used .*\) \(1 nodes: 'ln'\)"):
+        lower.prepare(path, {}, {})
+
+
+def test_non_tensor_inputs_are_refused(tmp_path: Path):
+    from onnx import TensorProto, helper
+
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [2])
+    path = _save_onnx(
+        tmp_path,
+        [helper.make_node("SequenceAt", ["xs", "i"], ["y"])],
+        [seq, helper.make_tensor_value_info("i", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        "seq",
+    )
+    with pytest.raises(KilnError, match=r"'xs' has type .*; the TVM targets take and return tensors only"):
+        lower.prepare(path, {}, {})
+
+
+def test_tvm_failures_are_one_kiln_error_line(tmp_path: Path):
+    from onnx import TensorProto, helper
+
+    # TVM 0.27's importer asserts on ConstantOfShape with a shape given at run time.
+    path = _save_onnx(
+        tmp_path,
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])],
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+        "cos",
+    )
+    with pytest.raises(KilnError, match=r"cos\.onnx: TVM failed to import the model: AssertionError$"):
+        targets.get("tvm-llvm").build(path, tmp_path)
