@@ -286,8 +286,11 @@ def _quantize(baseline: Baseline, model_path: Path, out: Path, calibration: Sequ
     algo = None
     if baseline.kind == "ort-gptq":
         algo = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=FeedReader(calibration))
+    # ORT's GPTQ runs the model from a temporary copy whose external data paths ORT 1.32 then refuses ("External
+    # data path validation failed"): it gets the model with its weights in memory instead.
+    model = onnx.load(str(model_path)) if baseline.kind == "ort-gptq" else str(model_path)
     quantizer = nbits.MatMulNBitsQuantizer(
-        str(model_path),
+        model,
         bits=setting.bits,
         block_size=setting.group_size,
         is_symmetric=setting.symmetric,
