@@ -65,13 +65,9 @@ def _runner(variant: Variant, threads: int) -> Callable[[Mapping[str, np.ndarray
     return run
 
 
-def _compile(
-    source: Path, out: Path, passes: Callable[[PassContext], list], calibration: CalibrationData, kernel: bool = False
-) -> Path:
+def _compile(source: Path, out: Path, passes: Callable[[PassContext], list], calibration: CalibrationData) -> Path:
     model = io.load(source)
     Pipeline(passes(PassContext(calibration)))(model)
-    if kernel:
-        shiftadd_ort.use_kernel(model)
     return io.save(model, out)
 
 
@@ -104,7 +100,9 @@ def main() -> None:
             return [create("cleanup.optimize", None, context), create("shiftadd.bcq", opts, context)]
 
         function = _compile(source, work / f"sa{bits}.onnx", passes, calibration)
-        kernel = _compile(source, work / f"sa{bits}-kernel.onnx", passes, calibration, kernel=True)
+        on_kernel = io.load(function)  # the same fit, its nodes moved to the kernel
+        shiftadd_ort.use_kernel(on_kernel)
+        kernel = io.save(on_kernel, work / f"sa{bits}-kernel.onnx")
         variants[f"shiftadd w{bits} function"] = (function, _options(threads), None)
         for activations in ("float", "int8"):
             options = _options(threads, shiftadd_ort.session_options(threads, activations))

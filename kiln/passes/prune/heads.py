@@ -114,11 +114,10 @@ class PruneHeads(KilnPass):
             )
             if drop:
                 _remove_heads(attention, sorted(drop), contexts[attention.o.input], opts.bias_compensation, shapes)
+                group = attention.num_heads // attention.num_kv_heads
+                kept_group, kept = group - len(drop) // attention.num_kv_heads, attention.num_heads - len(drop)
                 for expand, reshape in repeats.get(id(attention), []):
-                    group = attention.num_heads // attention.num_kv_heads
-                    kept_group = group - len(drop) // attention.num_kv_heads
                     _rewrite_shape(expand, position=2, old=group, new=kept_group, names=shapes)
-                    kept = attention.num_heads - len(drop)
                     _rewrite_shape(reshape, position=1, old=attention.num_heads, new=kept, names=shapes)
         _edit.finish(model)
         self.details = {
@@ -164,13 +163,13 @@ class PruneHeads(KilnPass):
         budget = round(opts.ratio * total)
         # Steps in order of their heads' mean relative score; a layer's steps come in its own order (rising scores).
         candidates = sorted(
-            (float(np.mean(rel[list(step)])), layer, index)
+            (float(np.mean(rel[list(step)])), layer)
             for layer, (rel, layer_steps) in enumerate(zip(relative, steps, strict=True))
-            for index, step in enumerate(layer_steps)
+            for step in layer_steps
         )
         removed: list[set[int]] = [set() for _ in scores]
         taken = [0] * len(scores)
-        for _, layer, _ in candidates:
+        for _, layer in candidates:
             step = steps[layer][taken[layer]]  # the layer's next step (scores rise along a layer's steps)
             if budget < len(step):
                 continue
@@ -185,13 +184,13 @@ def _steps(score: np.ndarray, kv_heads: int) -> list[tuple[int, ...]]:
     """A layer's removal steps, cheapest first: one head each (MHA), or one head of every KV group (GQA), each
     group giving up its lowest-scored remaining head."""
     heads = len(score)
+    if kv_heads == heads:
+        return [(int(h),) for h in np.argsort(score, kind="stable")]
     group = heads // kv_heads
     order = [
         [g * group + int(h) for h in np.argsort(score[g * group : (g + 1) * group], kind="stable")]
         for g in range(kv_heads)
     ]
-    if kv_heads == heads:
-        return [(int(h),) for h in np.argsort(score, kind="stable")]
     return [tuple(order[g][j] for g in range(kv_heads)) for j in range(group)]
 
 
