@@ -90,19 +90,23 @@ def _command_line(argv: Sequence[str]) -> str:
 SLOWEST_BUILDS = ("gptq-w2", "shiftadd-w3", "shiftadd-w2", "shiftadd-mixed", "mixed-3.5")
 
 
-def _selection(spec: str, recipe_arg: str | None, kinds: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The recipes, in build order, and baselines benchmarked on ``spec`` (see DECODE_SKIPS)."""
+def _selection(
+    spec: str, recipe_arg: str | None, kinds: Sequence[str], no_gptq: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """The recipes, in build order, and baselines benchmarked on ``spec`` (see DECODE_SKIPS, --no-gptq-on)."""
+    if spec == DECODE or spec in no_gptq:
+        kinds = [k for k in kinds if k != "ort-gptq"]
     if recipe_arg:
         return recipe_arg.split(","), list(kinds)
     names = sorted(recipes.builtin_names(), key=lambda r: SLOWEST_BUILDS.index(r) if r in SLOWEST_BUILDS else -1)
     if spec == DECODE:
-        return [r for r in names if r not in DECODE_SKIPS], [k for k in kinds if k != "ort-gptq"]
+        return [r for r in names if r not in DECODE_SKIPS], list(kinds)
     return names, list(kinds)
 
 
-def _bench_command(spec: str, quick: bool, kinds: Sequence[str], recipe_arg: str | None) -> str:
+def _bench_command(spec: str, quick: bool, kinds: Sequence[str], recipe_arg: str | None, no_gptq: Sequence[str]) -> str:
     name, variant = _split_spec(spec)
-    selected, kinds = _selection(spec, recipe_arg, kinds)
+    selected, kinds = _selection(spec, recipe_arg, kinds, no_gptq)
     # Every built-in recipe is what `kiln bench` does without --recipes; only the build order differs.
     chosen = None if sorted(selected) == sorted(recipes.builtin_names()) else ",".join(selected)
     parts = ["kiln bench", name]
@@ -283,6 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-scale", action="store_true", help="skip the 7 GB model of tools/scale_bench.py (never run in --quick)"
     )
+    parser.add_argument(
+        "--no-gptq-on",
+        default="",
+        help="comma-separated models that skip the ort-gptq baseline (most of an hour on SmolLM2); listed as skipped",
+    )
     parser.add_argument("--note", help="a sentence for the header, e.g. what else ran on the machine")
     args = parser.parse_args(argv)
 
@@ -294,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = (
         args.baselines.split(",") if args.baselines else list(baselines.DEFAULT_KINDS if args.quick else FULL_BASELINES)
     )
+    no_gptq = [m for m in args.no_gptq_on.split(",") if m]
     err = Console(stderr=True)
     results: dict[str, BenchResult | str] = {}
     plots: dict[str, Path | None] = {}
@@ -315,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         for spec in models:
             name, variant = _split_spec(spec)
-            chosen, model_kinds = _selection(spec, args.recipes, kinds)
+            chosen, model_kinds = _selection(spec, args.recipes, kinds, no_gptq)
+            gptq_left_out = spec in no_gptq and "ort-gptq" in kinds
             options = BenchOptions(
                 recipes=chosen,
                 variant=variant,
@@ -334,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result.skipped += [
                     {"name": n, "reason": f"left out of the decode table: {why}"} for n, why in DECODE_SKIPS.items()
                 ]
+            if gptq_left_out:
+                result.skipped.append({"name": "ort-gptq", "reason": "left out of this run by --no-gptq-on"})
             results[spec] = result
             plots[spec] = plot_tradeoffs(result, out_dir / f"bench-{_slug(spec)}.png")
             report.print_wide(err, report.result_table(result))
@@ -372,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Reproduce\n\n```bash\n"
         + _command_line(argv)
         + "   # everything below\n"
-        + "\n".join(_bench_command(spec, args.quick, kinds, args.recipes) for spec in models)
+        + "\n".join(_bench_command(spec, args.quick, kinds, args.recipes, no_gptq) for spec in models)
         + "\nkiln bench --kernels"
         + (" --quick" if args.quick else "")
         + "\n```",
