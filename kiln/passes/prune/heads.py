@@ -10,8 +10,9 @@ Importance (``activation``): the expected squared norm of the head's contributio
 statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross terms dropped).
 Allocation: ``uniform`` keeps the same number of heads in every layer (the ``heads`` option, or ``1 - ratio`` of
 them); ``global`` ranks all heads of the model by ``s_h / E||r||^2``, with ``r`` the residual stream entering the
-sublayer, so a head's score is how much it moves the stream, and removes ``ratio`` of them (at least ``min_heads``
-stay per layer).
+sublayer, so a head's score is how much it moves the stream, and removes ``ratio`` of them, or of the model's
+parameters or multiply-adds (``target``, :mod:`kiln.passes.prune._budget`: by score per parameter or multiply-add
+saved); at least ``min_heads`` stay per layer.
 
 Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
 to O's bias (a bias Add is inserted when O has none), so the output keeps its mean.
@@ -37,9 +38,9 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit
+from kiln.passes.prune import _budget, _edit
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
-from kiln.passes.prune.structure import Attention, Sublayer, find_structure, parameter_count
+from kiln.passes.prune.structure import Attention, Projection, Sublayer, find_structure, parameter_count
 
 
 @dataclasses.dataclass
@@ -50,6 +51,8 @@ class HeadsOptions:
     * ``ratio``: fraction of the heads to remove (per layer with "uniform", over the model with "global").
     * ``allocation``: "uniform" or "global" (by importance relative to the residual stream, see the module doc).
     * ``min_heads``: heads every layer keeps at least, with "global".
+    * ``target``: what ``ratio`` is a fraction of with "global": "units" (heads), "params" or "flops" (of the whole
+      model, see :mod:`kiln.passes.prune._budget`).
     * ``bias_compensation``: fold the removed heads' mean output into O's bias.
     """
 
@@ -57,6 +60,7 @@ class HeadsOptions:
     ratio: float = 0.25
     allocation: Literal["uniform", "global"] = "uniform"
     min_heads: int = 1
+    target: _budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -70,6 +74,7 @@ class HeadsOptions:
             raise ValueError("heads (a per-layer count) goes with allocation='uniform'; use ratio with 'global'")
         if self.min_heads < 1:
             raise ValueError(f"min_heads must be >= 1, got {self.min_heads}")
+        _budget.check_options(self.target, self.allocation)
 
 
 @register("prune.heads")
@@ -96,7 +101,7 @@ class PruneHeads(KilnPass):
                 )
         contexts, streams = self._statistics(model, sublayers)
         scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
-        removed = self._allocate(sublayers, scores, streams)
+        removed, budget = self._allocate(model, sublayers, scores, streams)
         before = parameter_count(model)
         shapes = _Shapes(_weights.NameScope(model))
         layers = []
@@ -123,6 +128,7 @@ class PruneHeads(KilnPass):
         self.details = {
             "importance": "activation: sum over the head's channels of E[x^2] * ||W_o row||^2",
             "allocation": opts.allocation,
+            "budget": budget,
             "bias_compensation": opts.bias_compensation,
             "heads_kept": [layer["heads_kept"] for layer in layers],
             "layers": layers,
@@ -141,9 +147,13 @@ class PruneHeads(KilnPass):
         return {v: moments[v] for v in contexts}, {v: moments[v] for v in streams}
 
     def _allocate(
-        self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]
-    ) -> list[set[int]]:
-        """The heads to remove, per layer."""
+        self,
+        model: ir.Model,
+        sublayers: list[Sublayer],
+        scores: list[np.ndarray],
+        streams: dict[ir.Value, ChannelMoments],
+    ) -> tuple[list[set[int]], dict[str, object] | None]:
+        """The heads to remove, per layer, and the global budget's record (None with "uniform")."""
         opts = self.options
         steps = [_steps(score, s.attention.num_kv_heads) for s, score in zip(sublayers, scores, strict=True)]
         if opts.allocation == "uniform":
@@ -157,27 +167,34 @@ class PruneHeads(KilnPass):
                         + (f" (grouped-query attention: remove a multiple of {size})" if size > 1 else "")
                     )
                 removed.append({h for step in layer_steps[: (n - keep) // size] for h in step})
-            return removed
-        relative = [score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores, strict=True)]
-        total = sum(len(score) for score in scores)
-        budget = round(opts.ratio * total)
-        # Steps in order of their heads' mean relative score; a layer's steps come in its own order (rising scores).
-        candidates = sorted(
-            (float(np.mean(rel[list(step)])), layer)
-            for layer, (rel, layer_steps) in enumerate(zip(relative, steps, strict=True))
-            for step in layer_steps
-        )
-        removed: list[set[int]] = [set() for _ in scores]
-        taken = [0] * len(scores)
-        for _, layer in candidates:
-            step = steps[layer][taken[layer]]  # the layer's next step (scores rise along a layer's steps)
-            if budget < len(step):
-                continue
-            if len(scores[layer]) - len(removed[layer]) - len(step) >= opts.min_heads:
-                removed[layer].update(step)
-                taken[layer] += 1
-                budget -= len(step)
-        return removed
+            return removed, None
+        _budget.prepare(model, opts.target)
+        layers = []
+        for sublayer, score, layer_steps in zip(sublayers, scores, steps, strict=True):
+            relative = score / streams[sublayer.residual].mean_square.sum()
+            layers.append(
+                _budget.Layer(
+                    steps=layer_steps,
+                    scores=[float(relative[list(step)].sum()) for step in layer_steps],
+                    units=len(score),
+                    floor=opts.min_heads,
+                    cost=_head_cost(sublayer.attention, opts.target),
+                )
+            )
+        total = _budget.model_total(model, opts.target, layers)
+        taken, saved = _budget.allocate(layers, opts.target, opts.ratio, total, "prune.heads")
+        removed = [{h for step in layer.steps[:n] for h in step} for layer, n in zip(layers, taken, strict=True)]
+        return removed, _budget.record(opts.target, opts.ratio, total, saved)
+
+
+def _head_cost(attention: Attention, target: _budget.Target) -> float:
+    """What one query head takes: its columns of Q (and of K, V without grouped-query attention), their biases, and
+    its rows of O."""
+    d = attention.head_dim
+    total = _budget.cost(attention.o.matmul, d * attention.o.shape[1], 0, target)
+    for projection in _sliced(attention):
+        total += _budget.cost(projection.matmul, projection.shape[0] * d, d if projection.bias else 0, target)
+    return total
 
 
 def _steps(score: np.ndarray, kv_heads: int) -> list[tuple[int, ...]]:
@@ -192,6 +209,14 @@ def _steps(score: np.ndarray, kv_heads: int) -> list[tuple[int, ...]]:
         for g in range(kv_heads)
     ]
     return [tuple(order[g][j] for g in range(kv_heads)) for j in range(group)]
+
+
+def _sliced(attention: Attention) -> tuple[Projection, ...]:
+    """The projections whose columns a head owns: with grouped-query attention K and V keep every KV head, and
+    only Q's heads (and O's rows) go."""
+    if attention.num_kv_heads != attention.num_heads:
+        return (attention.q,)
+    return attention.q, attention.k, attention.v
 
 
 def _kv_repeats(attention: Attention) -> list[tuple[ir.Node, ir.Node]]:
@@ -234,8 +259,7 @@ def _remove_heads(
     kept_heads = heads - len(drop)
     dropped_channels = np.concatenate([np.arange(h * d, (h + 1) * d) for h in drop])
     keep = _edit.keep_indices(heads * d, set(dropped_channels.tolist()))
-    # With grouped-query attention K and V keep every KV head: only Q's heads (and O's rows) go.
-    sliced = (attention.q,) if attention.num_kv_heads != heads else (attention.q, attention.k, attention.v)
+    sliced = _sliced(attention)
     # Head counts first: the Reshape nodes are found from the projections' outputs, which slicing keeps.
     for projection in sliced:
         for use in list(projection.output.uses()):
