@@ -49,13 +49,15 @@ def compare_latency(
 ) -> dict[str, Latency]:
     """Time every model on ``feed``, interleaved, and return its :class:`Latency` by key."""
     sessions = {key: make_session(path, settings=session_settings(threads)) for key, path in models.items()}
+    # A pruned decode graph may have fewer inputs (a dropped layer's KV cache): each model gets the entries it reads.
+    feeds = {key: {i.name: feed[i.name] for i in s.get_inputs() if i.name in feed} for key, s in sessions.items()}
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(warmup):
-        for session in sessions.values():
-            session.run(None, feed)
+        for key, session in sessions.items():
+            session.run(None, feeds[key])
     for _ in range(repeats):
         for key, session in sessions.items():
             start = time.perf_counter()
-            session.run(None, feed)
+            session.run(None, feeds[key])
             samples[key].append((time.perf_counter() - start) * 1e3)
     return {key: Latency(float(np.median(s)), float(np.percentile(s, 90)), repeats) for key, s in samples.items()}

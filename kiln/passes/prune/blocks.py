@@ -41,7 +41,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _budget, _edit
+from kiln.passes.prune import _edit, budget
 from kiln.passes.prune._stats import CosineGap, channel_moments
 from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
 from kiln.targets.ort.runner import make_session
@@ -54,9 +54,9 @@ class BlocksOptions:
     * ``unit``: "block" (attention + MLP), "attention" or "mlp" sublayers.
     * ``indices``: drop exactly these units (0-based; e.g. chosen on the full graph and applied to its decode graph);
       else ``count`` units when it is > 0; else ``fraction`` of them, rounded to the nearest count.
-    * ``target``: "units" (the above), or "params" / "flops": drop units in importance order until ``fraction`` of
-      the model's parameters or multiply-adds is gone (their projections' weights; see
-      :mod:`kiln.passes.prune._budget`).
+    * ``target``: "units" (the above), or "params" / "flops" / "latency": drop units in importance order until
+      ``fraction`` of the model's parameters, multiply-adds (their projections' weights) or measured run time is
+      gone; see :mod:`kiln.passes.prune.budget`.
     * ``importance``: "block_influence" or "output_error" (both need calibration), "last" or "random"; not used
       with ``indices``.
     * ``seed``: for ``importance = "random"``.
@@ -72,7 +72,7 @@ class BlocksOptions:
     error_feeds: int = 2
     mean_compensation: bool = False
     indices: list[int] = dataclasses.field(default_factory=list)
-    target: _budget.Target = "units"
+    target: budget.Target = "units"
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "attention", "mlp"):
@@ -91,7 +91,7 @@ class BlocksOptions:
             raise ValueError("give count or indices, not both")
         if len(set(self.indices)) != len(self.indices) or any(i < 0 for i in self.indices):
             raise ValueError(f"indices must be distinct and >= 0, got {self.indices}")
-        _budget.check_options(self.target, "global")
+        budget.check_options(self.target, "global")
         if self.target != "units" and (self.count or self.indices):
             raise ValueError(f"target={self.target!r} drops units until 'fraction' is met: give no count or indices")
 
@@ -110,11 +110,13 @@ class PruneBlocks(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model, field="fraction")
         structure = find_structure(model)
         units = _units(structure, opts.unit)
         if any(i >= len(units) for i in opts.indices):
             raise KilnError(f"prune.blocks: indices {opts.indices} out of range for {len(units)} {opts.unit} units")
-        budget = None
+        spent = None
         if opts.target == "units":
             count = opts.count or len(opts.indices) or round(opts.fraction * len(units))
             if count == 0:
@@ -125,7 +127,7 @@ class PruneBlocks(KilnPass):
         scores = None if opts.indices else self._scores(model, units)
         if opts.target != "units":
             order = self._order(units, scores)
-            count, budget = _count_for_budget(model, units, order, opts.target, opts.fraction)
+            count, spent = _count_for_budget(model, units, order, opts.target, opts.fraction)
             drop = sorted(order[:count])
         else:
             drop = sorted(opts.indices) if opts.indices else sorted(self._order(units, scores)[:count])
@@ -150,7 +152,7 @@ class PruneBlocks(KilnPass):
             ],
             "reason": "given by option 'indices'" if opts.indices else _reason(opts.importance, opts.seed),
             "mean_compensation": opts.mean_compensation,
-            "budget": budget,
+            "budget": spent,
             "scores": scores,
             "parameters_before": before,
             "parameters_after": parameter_count(model),
@@ -186,24 +188,24 @@ class PruneBlocks(KilnPass):
 
 
 def _count_for_budget(
-    model: ir.Model, units: list[tuple[Sublayer, ...]], order: list[int], target: _budget.Target, fraction: float
+    model: ir.Model, units: list[tuple[Sublayer, ...]], order: list[int], target: budget.Target, fraction: float
 ) -> tuple[int, dict[str, object]]:
     """How many units of ``order`` to drop for ``fraction`` of the model's parameters or multiply-adds, and the
     budget's record."""
-    _budget.prepare(model, target)
-    total = _budget.model_total(model, target, [])
+    budget.prepare(model, target)
+    total = budget.model_total(model, target, [])
     goal, saved = fraction * total, 0.0
     for count, index in enumerate(order[:-1], start=1):  # one unit always stays
         saved += sum(_unit_cost(sublayer, target) for sublayer in units[index])
         if saved >= goal:
-            return count, _budget.record(target, fraction, total, saved)
+            return count, budget.record(target, fraction, total, saved)
     raise KilnError(
-        f"prune.blocks: dropping {fraction:.0%} of the model's {_budget.MEASURES[target]} is out of reach: all but "
+        f"prune.blocks: dropping {fraction:.0%} of the model's {budget.MEASURES[target]} is out of reach: all but "
         f"one unit hold {saved / total:.1%}"
     )
 
 
-def _unit_cost(sublayer: Sublayer, target: _budget.Target) -> float:
+def _unit_cost(sublayer: Sublayer, target: budget.Target) -> float:
     """Parameters (weights and biases) or multiply-adds of a sublayer's projections; its normalization's few
     weights are not counted."""
     projections = (
@@ -214,7 +216,7 @@ def _unit_cost(sublayer: Sublayer, target: _budget.Target) -> float:
     total = 0.0
     for projection in projections:
         k, n = projection.shape
-        total += _budget.cost(projection.matmul, k * n, n if projection.bias else 0, target)
+        total += budget.cost(projection.matmul, k * n, n if projection.bias else 0, target)
     return total
 
 

@@ -16,7 +16,7 @@ Importance (``activation``): ``s_j = E[a_j^2] ||W_P[:, j]||^2`` with ``a`` the i
 norm of ``A``'s filter ``j`` (no data). Allocation: ``uniform`` removes ``ratio`` of every chain's channels;
 ``global`` ranks channels of all chains by ``s_j / E||y_P||^2`` (relative to the chain's output, so by how much the
 chain's output moves: per-layer ratios follow sensitivity), in groups of ``multiple_of``, and removes ``ratio`` of
-all channels, or of the model's parameters or multiply-adds (``target``, :mod:`kiln.passes.prune._budget`: by score
+all channels, or of the model's parameters or multiply-adds (``target``, :mod:`kiln.passes.prune.budget`: by score
 per parameter or multiply-add saved, so channels of high-resolution chains go sooner under a FLOP budget), keeping
 at least ``min_ratio`` of each chain. Kept counts are multiples of ``multiple_of`` where the chain is that wide.
 
@@ -37,7 +37,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _budget, _edit
+from kiln.passes.prune import _edit, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import parameter_count
 
@@ -68,8 +68,8 @@ class FiltersOptions:
     * ``min_ratio``: with "global", the fraction of each chain's channels that stays at least.
     * ``multiple_of``: kept channel counts are rounded to a multiple of this ("global" removes channels in groups
       of it).
-    * ``target``: what ``ratio`` is a fraction of with "global": "units" (channels), "params" or "flops" (of the
-      whole model, see :mod:`kiln.passes.prune._budget`).
+    * ``target``: what ``ratio`` is a share of with "global": "units" (channels), "params" or "flops" (of the whole
+      model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed channels' mean into the last conv's bias ("activation" only).
     """
 
@@ -78,7 +78,7 @@ class FiltersOptions:
     allocation: Literal["uniform", "global"] = "uniform"
     min_ratio: float = 0.25
     multiple_of: int = 8
-    target: _budget.Target = "units"
+    target: budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -94,7 +94,7 @@ class FiltersOptions:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
-        _budget.check_options(self.target, self.allocation)
+        budget.check_options(self.target, self.allocation)
 
 
 @register("prune.filters")
@@ -110,6 +110,8 @@ class PruneFilters(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model)
         chains = find_chains(model.graph)
         if not chains:
             raise KilnError(
@@ -118,7 +120,7 @@ class PruneFilters(KilnPass):
             )
         inputs, outputs = self._statistics(model, chains)
         scores = [self._score(chain, inputs) for chain in chains]
-        counts, budget = self._counts(model, chains, scores, outputs)
+        counts, spent = self._counts(model, chains, scores, outputs)
         before = parameter_count(model)
         names = _weights.NameScope(model)
         layers = []
@@ -132,7 +134,7 @@ class PruneFilters(KilnPass):
         self.details = {
             "importance": opts.importance,
             "allocation": opts.allocation,
-            "budget": budget,
+            "budget": spent,
             "chains": len(chains),
             "channels_before": sum(layer["channels"] for layer in layers),
             "channels_after": sum(layer["kept"] for layer in layers),
@@ -172,14 +174,14 @@ class PruneFilters(KilnPass):
         opts = self.options
         if opts.allocation == "uniform":
             return [c.channels - self._width(c.channels, c.channels * (1 - opts.ratio)) for c in chains], None
-        _budget.prepare(model, opts.target)
+        budget.prepare(model, opts.target)
         layers = []
         for chain, score in zip(chains, scores, strict=True):
             relative = np.sort(score / outputs[chain.last.outputs[0]].mean_square.sum())
             size = opts.multiple_of if chain.channels >= opts.multiple_of else 1
             starts = range(0, chain.channels, size)
             layers.append(
-                _budget.Layer(
+                budget.Layer(
                     steps=[tuple(range(i, min(i + size, chain.channels))) for i in starts],
                     scores=[float(relative[i : i + size].sum()) for i in starts],
                     units=chain.channels,
@@ -187,26 +189,26 @@ class PruneFilters(KilnPass):
                     cost=_channel_cost(chain, opts.target),
                 )
             )
-        total = _budget.model_total(model, opts.target, layers)
-        taken, saved = _budget.allocate(layers, opts.target, opts.ratio, total, "prune.filters")
+        total = budget.model_total(model, opts.target, layers)
+        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.filters")
         counts = [sum(len(step) for step in layer.steps[:n]) for layer, n in zip(layers, taken, strict=True)]
-        return counts, _budget.record(opts.target, opts.ratio, total, saved)
+        return counts, budget.record(opts.target, opts.ratio, total, saved)
 
     def _width(self, width: int, wanted: float) -> int:
         step = self.options.multiple_of if width >= self.options.multiple_of else 1
         return int(min(width, max(step, step * round(wanted / step))))
 
 
-def _channel_cost(chain: Chain, target: _budget.Target) -> float:
+def _channel_cost(chain: Chain, target: budget.Target) -> float:
     """What one channel of a chain takes: a filter of the first conv (and of the depthwise one) with its bias and
     BatchNorm entries (scale, bias, mean, variance), and an input channel of the last conv."""
     shape = _weights.constant_tensor(chain.last.inputs[1]).shape.numpy()
-    total = _budget.cost(chain.last, int(shape[0]) * math.prod(int(d) for d in shape[2:]), 4 * len(chain.norms), target)
+    total = budget.cost(chain.last, int(shape[0]) * math.prod(int(d) for d in shape[2:]), 4 * len(chain.norms), target)
     for conv in (chain.first, chain.depthwise):
         if conv is not None:
             per_filter = math.prod(int(d) for d in _weights.constant_tensor(conv.inputs[1]).shape.numpy()[1:])
             biased = len(conv.inputs) > 2 and conv.inputs[2] is not None
-            total += _budget.cost(conv, per_filter, 1 if biased else 0, target)
+            total += budget.cost(conv, per_filter, 1 if biased else 0, target)
     return total
 
 

@@ -11,7 +11,7 @@ statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross 
 Allocation: ``uniform`` keeps the same number of heads in every layer (the ``heads`` option, or ``1 - ratio`` of
 them); ``global`` ranks all heads of the model by ``s_h / E||r||^2``, with ``r`` the residual stream entering the
 sublayer, so a head's score is how much it moves the stream, and removes ``ratio`` of them, or of the model's
-parameters or multiply-adds (``target``, :mod:`kiln.passes.prune._budget`: by score per parameter or multiply-add
+parameters or multiply-adds (``target``, :mod:`kiln.passes.prune.budget`: by score per parameter or multiply-add
 saved); at least ``min_heads`` stay per layer.
 
 Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
@@ -38,7 +38,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _budget, _edit
+from kiln.passes.prune import _edit, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import Attention, Projection, Sublayer, find_structure, parameter_count
 
@@ -51,8 +51,8 @@ class HeadsOptions:
     * ``ratio``: fraction of the heads to remove (per layer with "uniform", over the model with "global").
     * ``allocation``: "uniform" or "global" (by importance relative to the residual stream, see the module doc).
     * ``min_heads``: heads every layer keeps at least, with "global".
-    * ``target``: what ``ratio`` is a fraction of with "global": "units" (heads), "params" or "flops" (of the whole
-      model, see :mod:`kiln.passes.prune._budget`).
+    * ``target``: what ``ratio`` is a share of with "global": "units" (heads), "params" or "flops" (of the whole
+      model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed heads' mean output into O's bias.
     """
 
@@ -60,7 +60,7 @@ class HeadsOptions:
     ratio: float = 0.25
     allocation: Literal["uniform", "global"] = "uniform"
     min_heads: int = 1
-    target: _budget.Target = "units"
+    target: budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class HeadsOptions:
             raise ValueError("heads (a per-layer count) goes with allocation='uniform'; use ratio with 'global'")
         if self.min_heads < 1:
             raise ValueError(f"min_heads must be >= 1, got {self.min_heads}")
-        _budget.check_options(self.target, self.allocation)
+        budget.check_options(self.target, self.allocation)
 
 
 @register("prune.heads")
@@ -86,6 +86,8 @@ class PruneHeads(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model)
         sublayers = find_structure(model).attentions()
         if not sublayers:
             raise KilnError("prune.heads: the model has no attention sublayers left")
@@ -101,7 +103,7 @@ class PruneHeads(KilnPass):
                 )
         contexts, streams = self._statistics(model, sublayers)
         scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
-        removed, budget = self._allocate(model, sublayers, scores, streams)
+        removed, spent = self._allocate(model, sublayers, scores, streams)
         before = parameter_count(model)
         shapes = _Shapes(_weights.NameScope(model))
         layers = []
@@ -128,7 +130,7 @@ class PruneHeads(KilnPass):
         self.details = {
             "importance": "activation: sum over the head's channels of E[x^2] * ||W_o row||^2",
             "allocation": opts.allocation,
-            "budget": budget,
+            "budget": spent,
             "bias_compensation": opts.bias_compensation,
             "heads_kept": [layer["heads_kept"] for layer in layers],
             "layers": layers,
@@ -168,12 +170,12 @@ class PruneHeads(KilnPass):
                     )
                 removed.append({h for step in layer_steps[: (n - keep) // size] for h in step})
             return removed, None
-        _budget.prepare(model, opts.target)
+        budget.prepare(model, opts.target)
         layers = []
         for sublayer, score, layer_steps in zip(sublayers, scores, steps, strict=True):
             relative = score / streams[sublayer.residual].mean_square.sum()
             layers.append(
-                _budget.Layer(
+                budget.Layer(
                     steps=layer_steps,
                     scores=[float(relative[list(step)].sum()) for step in layer_steps],
                     units=len(score),
@@ -181,19 +183,19 @@ class PruneHeads(KilnPass):
                     cost=_head_cost(sublayer.attention, opts.target),
                 )
             )
-        total = _budget.model_total(model, opts.target, layers)
-        taken, saved = _budget.allocate(layers, opts.target, opts.ratio, total, "prune.heads")
+        total = budget.model_total(model, opts.target, layers)
+        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.heads")
         removed = [{h for step in layer.steps[:n] for h in step} for layer, n in zip(layers, taken, strict=True)]
-        return removed, _budget.record(opts.target, opts.ratio, total, saved)
+        return removed, budget.record(opts.target, opts.ratio, total, saved)
 
 
-def _head_cost(attention: Attention, target: _budget.Target) -> float:
+def _head_cost(attention: Attention, target: budget.Target) -> float:
     """What one query head takes: its columns of Q (and of K, V without grouped-query attention), their biases, and
     its rows of O."""
     d = attention.head_dim
-    total = _budget.cost(attention.o.matmul, d * attention.o.shape[1], 0, target)
+    total = budget.cost(attention.o.matmul, d * attention.o.shape[1], 0, target)
     for projection in _sliced(attention):
-        total += _budget.cost(projection.matmul, projection.shape[0] * d, d if projection.bias else 0, target)
+        total += budget.cost(projection.matmul, projection.shape[0] * d, d if projection.bias else 0, target)
     return total
 
 

@@ -10,7 +10,7 @@ squared size of the channel's contribution to the output, from calibration stati
 projection's input). Allocation: ``uniform`` removes ``ratio`` of the channels of every MLP; ``global`` ranks all
 channels by ``s_j / E||r||^2`` (``r`` the residual stream entering the sublayer), in groups of ``multiple_of``
 (each MLP's lowest-scored first), and removes ``ratio`` of all channels, or of the model's parameters or multiply-adds
-(``target``, :mod:`kiln.passes.prune._budget`: by score per parameter or multiply-add saved), keeping at least
+(``target``, :mod:`kiln.passes.prune.budget`: by score per parameter or multiply-add saved), keeping at least
 ``min_ratio`` of each MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP
 is that wide.
 
@@ -31,7 +31,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _budget, _edit
+from kiln.passes.prune import _edit, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import Sublayer, find_structure, parameter_count
 
@@ -44,8 +44,8 @@ class MLPOptions:
     * ``allocation``: "uniform" (the same fraction in every MLP) or "global" (see the module doc).
     * ``min_ratio``: with "global", the fraction of each MLP's channels that stays at least.
     * ``multiple_of``: kept widths are rounded to a multiple of this ("global" removes channels in groups of it).
-    * ``target``: what ``ratio`` is a fraction of with "global": "units" (channels), "params" or "flops" (of the
-      whole model, see :mod:`kiln.passes.prune._budget`).
+    * ``target``: what ``ratio`` is a share of with "global": "units" (channels), "params" or "flops" (of the whole
+      model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed channels' mean output into the down projection's bias.
     """
 
@@ -53,7 +53,7 @@ class MLPOptions:
     allocation: Literal["uniform", "global"] = "uniform"
     min_ratio: float = 0.25
     multiple_of: int = 8
-    target: _budget.Target = "units"
+    target: budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -65,7 +65,7 @@ class MLPOptions:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
-        _budget.check_options(self.target, self.allocation)
+        budget.check_options(self.target, self.allocation)
 
 
 @register("prune.mlp")
@@ -77,12 +77,14 @@ class PruneMLP(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model)
         sublayers = find_structure(model).mlps()
         if not sublayers:
             raise KilnError("prune.mlp: the model has no MLP sublayers left")
         inner, streams = self._statistics(model, sublayers)
         scores = [_scores(s, inner[s.mlp.down.input]) for s in sublayers]
-        removed, budget = self._allocate(model, sublayers, scores, streams)
+        removed, spent = self._allocate(model, sublayers, scores, streams)
         before = parameter_count(model)
         names = _weights.NameScope(model)
         layers = []
@@ -105,7 +107,7 @@ class PruneMLP(KilnPass):
         self.details = {
             "importance": "activation-weighted norm: E[a_j^2] * ||W_down row j||^2",
             "allocation": opts.allocation,
-            "budget": budget,
+            "budget": spent,
             "bias_compensation": opts.bias_compensation,
             "widths": [layer["kept"] for layer in layers],
             "layers": layers,
@@ -136,14 +138,14 @@ class PruneMLP(KilnPass):
         if opts.allocation == "uniform":
             counts = [len(score) - self._width(len(score), len(score) * (1 - opts.ratio)) for score in scores]
             return [{int(j) for j in order[:count]} for order, count in zip(orders, counts, strict=True)], None
-        _budget.prepare(model, opts.target)
+        budget.prepare(model, opts.target)
         layers = []
         for sublayer, score, order in zip(sublayers, scores, orders, strict=True):
             relative = score / streams[sublayer.residual].mean_square.sum()
             size = opts.multiple_of if len(score) >= opts.multiple_of else 1
             steps = [tuple(int(j) for j in order[i : i + size]) for i in range(0, len(order), size)]
             layers.append(
-                _budget.Layer(
+                budget.Layer(
                     steps=steps,
                     scores=[float(relative[list(step)].sum()) for step in steps],
                     units=len(score),
@@ -151,10 +153,10 @@ class PruneMLP(KilnPass):
                     cost=_channel_cost(sublayer, opts.target),
                 )
             )
-        total = _budget.model_total(model, opts.target, layers)
-        taken, saved = _budget.allocate(layers, opts.target, opts.ratio, total, "prune.mlp")
+        total = budget.model_total(model, opts.target, layers)
+        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.mlp")
         removed = [{j for step in layer.steps[:n] for j in step} for layer, n in zip(layers, taken, strict=True)]
-        return removed, _budget.record(opts.target, opts.ratio, total, saved)
+        return removed, budget.record(opts.target, opts.ratio, total, saved)
 
     def _width(self, width: int, wanted: float) -> int:
         """``wanted`` rounded to a multiple of ``multiple_of`` (at least one multiple, at most ``width``)."""
@@ -162,13 +164,13 @@ class PruneMLP(KilnPass):
         return int(min(width, max(step, step * round(wanted / step))))
 
 
-def _channel_cost(sublayer: Sublayer, target: _budget.Target) -> float:
+def _channel_cost(sublayer: Sublayer, target: budget.Target) -> float:
     """What one intermediate channel takes: a column of each inner projection (with its bias entry) and a row of
     the down projection."""
     down = sublayer.mlp.down
-    total = _budget.cost(down.matmul, down.shape[1], 0, target)
+    total = budget.cost(down.matmul, down.shape[1], 0, target)
     for projection in sublayer.mlp.inner:
-        total += _budget.cost(projection.matmul, projection.shape[0], 1 if projection.bias else 0, target)
+        total += budget.cost(projection.matmul, projection.shape[0], 1 if projection.bias else 0, target)
     return total
 
 

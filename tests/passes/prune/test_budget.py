@@ -11,9 +11,10 @@ from prunegraphs import bert, llama, run
 import kiln
 from kiln import testing
 from kiln.compiler.calibration import CalibrationData
+from kiln.compiler.timing import Latency
 from kiln.errors import KilnError
 from kiln.passes._base import PassContext
-from kiln.passes.prune import _budget
+from kiln.passes.prune import budget
 from kiln.passes.prune.blocks import BlocksOptions, PruneBlocks
 from kiln.passes.prune.filters import FiltersOptions, PruneFilters
 from kiln.passes.prune.heads import HeadsOptions, PruneHeads
@@ -21,8 +22,8 @@ from kiln.passes.prune.mlp import MLPOptions, PruneMLP
 from kiln.passes.prune.structure import parameter_count
 
 
-def _layer(scores: list[float], params: float, floor: int = 0) -> _budget.Layer:
-    return _budget.Layer(
+def _layer(scores: list[float], params: float, floor: int = 0) -> budget.Layer:
+    return budget.Layer(
         steps=[(i,) for i in range(len(scores))],
         scores=scores,
         units=len(scores),
@@ -31,34 +32,33 @@ def _layer(scores: list[float], params: float, floor: int = 0) -> _budget.Layer:
     )
 
 
-def test_units_go_by_importance_per_unit_of_budget() -> None:
-    # Same scores, but a unit of the second layer saves 4x the parameters: under a parameter budget it goes first.
-    layers = [_layer([1.0, 2.0, 3.0], params=10), _layer([1.0, 2.0, 3.0], params=40)]
-    taken, saved = _budget.allocate(layers, "params", 0.5, total=200, what="test")
-    assert taken == [0, 3] and saved == 120
-    # Counting units the costs do not matter: the two lowest scores go, one from each layer.
-    taken, saved = _budget.allocate(layers, "units", 2 / 6, total=6, what="test")
-    assert taken == [1, 1] and saved == 2
+def test_importance_decides_which_units_go_and_the_measure_how_many() -> None:
+    # A unit of the second layer saves 4x the parameters; units still go by importance, alternating here.
+    layers = [_layer([1.0, 2.0, 3.0], params=10), _layer([1.5, 2.5, 3.5], params=40)]
+    taken, saved = budget.allocate(layers, "params", 0.5, total=200, what="test")
+    assert taken == [2, 2] and saved == 100  # 10, 50, 60, 100: the fourth step reaches half of 200
+    taken, saved = budget.allocate(layers, "units", 3 / 6, total=6, what="test")
+    assert taken == [2, 1] and saved == 3
 
 
 def test_params_stop_at_the_first_step_that_reaches_the_target() -> None:
     layers = [_layer([1.0, 1.5, 2.0, 2.5], params=10)]
-    taken, saved = _budget.allocate(layers, "params", 0.25, total=100, what="test")
+    taken, saved = budget.allocate(layers, "params", 0.25, total=100, what="test")
     assert taken == [3] and saved == 30  # 20 < 25 <= 30
 
 
 def test_units_never_pass_the_count_and_floors_hold() -> None:
     layers = [_layer([0.1, 0.2, 0.3, 0.4], params=1, floor=3), _layer([1.0, 2.0, 3.0, 4.0], params=1)]
-    taken, saved = _budget.allocate(layers, "units", 0.5, total=8, what="test")
+    taken, saved = budget.allocate(layers, "units", 0.5, total=8, what="test")
     assert taken == [1, 3] and saved == 4
 
 
 def test_an_unreachable_budget_names_what_is_possible() -> None:
     layers = [_layer([1.0, 2.0, 3.0, 4.0], params=10, floor=2)]
     with pytest.raises(KilnError, match=re.escape("test: removing 50% of the model's parameters is out of reach")):
-        _budget.allocate(layers, "params", 0.5, total=100, what="test")
+        budget.allocate(layers, "params", 0.5, total=100, what="test")
     with pytest.raises(KilnError, match=re.escape("pruning saves 20.0%")):
-        _budget.allocate(layers, "params", 0.5, total=100, what="test")
+        budget.allocate(layers, "params", 0.5, total=100, what="test")
 
 
 def _convs(batch: int | str = "n") -> tuple[ir.Model, ir.Node, ir.Node]:
@@ -77,13 +77,13 @@ def _convs(batch: int | str = "n") -> tuple[ir.Model, ir.Node, ir.Node]:
 
 def test_multiply_adds_per_output_position_and_row() -> None:
     model, conv, matmul = _convs(batch=2)
-    _budget.prepare(model, "flops")
-    assert _budget.weighted_macs(conv) == 8 * 4 * 9 * (2 * 8 * 8)
-    assert _budget.weighted_macs(matmul) == 8 * 5 * 2
-    assert _budget.model_total(model, "flops", []) == 8 * 4 * 9 * 128 + 80
+    budget.prepare(model, "flops")
+    assert budget.weighted_macs(conv) == 8 * 4 * 9 * (2 * 8 * 8)
+    assert budget.weighted_macs(matmul) == 8 * 5 * 2
+    assert budget.model_total(model, "flops", []) == 8 * 4 * 9 * 128 + 80
     dynamic, _, matmul = _convs()
-    _budget.prepare(dynamic, "flops")
-    assert _budget.weighted_macs(matmul) == 8 * 5  # a dynamic batch counts 1: per sample
+    budget.prepare(dynamic, "flops")
+    assert budget.weighted_macs(matmul) == 8 * 5  # a dynamic batch counts 1: per sample
 
 
 def test_a_conv_without_static_output_size_has_no_flop_count() -> None:
@@ -93,7 +93,7 @@ def test_a_conv_without_static_output_size_has_no_flop_count() -> None:
     y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["n", 8, "h", "w"])
     model = testing.model([x], [y], [conv], [conv.inputs[1]], name="dyn")
     with pytest.raises(KilnError, match=re.escape("the output size of Conv node 'c' is not static")):
-        _budget.model_total(model, "flops", [])
+        budget.model_total(model, "flops", [])
 
 
 def _x(seed: int) -> dict[str, np.ndarray]:
@@ -162,14 +162,14 @@ def _two_chains() -> ir.Model:
 @pytest.mark.parametrize(
     ("target", "ratio", "kept"),
     [
-        # Per parameter the weak channels of the second chain are the cheapest to lose.
+        # 10% of 256 parameters: one step of 4 channels (32 parameters), the weak ones of the second chain.
         ("params", 0.1, {"a1": 16, "a2": 12}),
-        # A channel costs 4 + 4 multiply-adds per position, 256 positions in the first chain and 16 in the second:
-        # per multiply-add the first chain's channels are cheaper, weak ones included.
-        ("flops", 0.2, {"a1": 12, "a2": 16}),
+        # 20% of the multiply-adds: the weak step saves only 4 * 8 * 16, so the next least important step goes too,
+        # from the first chain, where a channel costs 8 multiply-adds at each of 256 positions.
+        ("flops", 0.2, {"a1": 12, "a2": 12}),
     ],
 )
-def test_filters_spend_the_budget_where_it_costs_least(target: str, ratio: float, kept: dict[str, int]) -> None:
+def test_filters_count_the_budget_in_the_measure_asked(target: str, ratio: float, kept: dict[str, int]) -> None:
     model = _two_chains()
     feeds = [{"x": np.random.default_rng(s).standard_normal((2, 4, 16, 16)).astype(np.float32)} for s in (1, 2)]
     options = FiltersOptions(ratio=ratio, allocation="global", target=target, multiple_of=4, min_ratio=0.25)
@@ -199,10 +199,55 @@ def test_blocks_drop_units_until_the_parameter_share_is_gone() -> None:
     [
         (lambda: MLPOptions(target="params"), "target='params' is a budget over the whole model"),
         (lambda: HeadsOptions(target="flops"), "target='flops' is a budget over the whole model"),
-        (lambda: FiltersOptions(target="bytes", allocation="global"), "target must be 'units', 'params' or 'flops'"),
+        (lambda: FiltersOptions(target="bytes", allocation="global"), "target must be 'units', 'params', 'flops' or"),
         (lambda: BlocksOptions(target="params", count=2), "give no count or indices"),
     ],
 )
 def test_bad_targets(make: object, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+def _macs_as_time(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
+    """Replace the timer of the latency search by a deterministic one: a model's time is its multiply-adds."""
+    timed: list[dict[str, float]] = []
+
+    def fake(models: dict[str, Path], feed: dict[str, np.ndarray], **_: object) -> dict[str, Latency]:
+        times = {}
+        for key, path in models.items():
+            model = kiln.load(path)
+            budget.prepare(model, "flops")
+            times[key] = budget.model_total(model, "flops", [])
+        timed.append(times)
+        return {key: Latency(t, t, 1) for key, t in times.items()}
+
+    monkeypatch.setattr(budget.timing, "compare_latency", fake)
+    return timed
+
+
+def test_latency_target_searches_the_share_of_multiply_adds(monkeypatch: pytest.MonkeyPatch) -> None:
+    timed = _macs_as_time(monkeypatch)
+    model = bert(layers=3, intermediate=64)
+    before = budget.model_total(model, "flops", [])
+    options = MLPOptions(ratio=0.2, allocation="global", target="latency", multiple_of=4)
+    details = _run(PruneMLP(options, PassContext(calibration=CalibrationData([_x(1), _x(2)]))), model)
+    search = details["latency_search"]
+    assert len(search["steps"]) == budget.LATENCY_STEPS == len(timed)
+    assert search["goal_time_ratio"] == pytest.approx(0.8)
+    met = [step["flops_removed"] for step in search["steps"] if step["time_ratio"] <= 0.8]
+    assert search["chosen_flops_removed"] == min(met) <= 0.2
+    # The model got the chosen share: its (fake) time is within the goal, and the MLP details are there.
+    budget.prepare(model, "flops")
+    assert budget.model_total(model, "flops", []) <= 0.8 * before and details["budget"]["target"] == "flops"
+    assert run(model, _x(0))[0].shape == (2, 5, 32)
+
+
+def test_latency_out_of_reach_lists_what_was_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    _macs_as_time(monkeypatch)
+    model = bert(layers=2, intermediate=64)
+    options = BlocksOptions(unit="mlp", target="latency", fraction=0.9, importance="last")
+    with pytest.raises(KilnError, match=re.escape("prune.blocks: a 90% shorter run time is out of reach: ")) as info:
+        _run(PruneBlocks(options, PassContext(calibration=CalibrationData([_x(1)]))), model)
+    assert "x the time" in str(info.value) and "refused (prune.blocks: dropping" in str(info.value)
+    with pytest.raises(KilnError, match="target='latency' times the model on calibration data, and none was given"):
+        _run(PruneBlocks(BlocksOptions(unit="mlp", target="latency", importance="last"), PassContext()), model)
