@@ -28,23 +28,20 @@ counts before and after.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler import io
 from kiln.compiler.calibration import CalibrationData, Feed, Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit, budget
+from kiln.passes.prune import _edit, _gates, budget
 from kiln.passes.prune._stats import CosineGap, channel_moments
 from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
-from kiln.targets.ort.runner import make_session
 
 
 @dataclasses.dataclass
@@ -242,7 +239,7 @@ def _compensate(model: ir.Model, sublayers: list[Sublayer], calibration: Calibra
     names = _weights.NameScope(model)
     for sublayer in sublayers:
         branch = sublayer.branch
-        mean = moments[branch].mean.astype(_NUMPY.get(branch.dtype, np.float32))
+        mean = moments[branch].mean.astype(_gates.NUMPY.get(branch.dtype, np.float32))
         constant = _weights.add_initializer(model.graph, names.fresh(f"{sublayer.add.name}.mean_branch"), mean)
         index = next(i for i, v in enumerate(sublayer.add.inputs) if v is branch)
         sublayer.add.replace_input_with(index, constant)
@@ -298,48 +295,46 @@ def _output_errors(model: ir.Model, units: list[tuple[Sublayer, ...]], feeds: li
     """Relative squared change of all float outputs when each unit alone is dropped, summed over ``feeds``."""
     graph = model.graph
     names = _weights.NameScope(model)
-    gates, undo = [], []
-    gated_values: dict[ir.Value, ir.Value] = {}
-    for unit in units:
-        residual, output = unit[0].residual, unit[-1].output
-        residual = gated_values.get(residual, residual)  # the previous unit's gated output
-        uses = list(output.uses())
-        dtype = output.dtype or ir.DataType.FLOAT
-        gate = ir.Value(name=names.fresh("kiln_prune_gate"), type=ir.TensorType(dtype), shape=ir.Shape([]))
-        delta = ir.node("Sub", [output, residual], name=names.fresh("kiln_prune_gate.sub"))
-        scaled = ir.node("Mul", [delta.outputs[0], gate], name=names.fresh("kiln_prune_gate.mul"))
-        gated = ir.node("Add", [residual, scaled.outputs[0]], name=names.fresh("kiln_prune_gate.add"))
-        for node in (delta, scaled, gated):
-            node.outputs[0].name = names.fresh(f"{node.name}.out")
-        graph.insert_after(output.producer(), [delta, scaled, gated])
-        for use in uses:
-            use.node.replace_input_with(use.idx, gated.outputs[0])
-        graph.inputs.append(gate)
-        gates.append(gate)
-        gated_values[output] = gated.outputs[0]
-        undo.append((output, gated.outputs[0], [delta, scaled, gated]))
-    try:
-        with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
-            path = io.save(model, Path(tmp) / "gated.onnx")
-            session = make_session(path)
-    finally:
-        for output, gated, nodes in reversed(undo):
-            gated.replace_all_uses_with(output)
-            graph.remove(nodes, safe=True)
-        for gate in gates:
-            graph.inputs.remove(gate)
+    gates: list[ir.Value] = []
+
+    def edit() -> Callable[[], None]:
+        inserted = []
+        gated_values: dict[ir.Value, ir.Value] = {}
+        for unit in units:
+            residual, output = unit[0].residual, unit[-1].output
+            residual = gated_values.get(residual, residual)  # the previous unit's gated output
+            uses = list(output.uses())
+            dtype = output.dtype or ir.DataType.FLOAT
+            gate = ir.Value(name=names.fresh("kiln_prune_gate"), type=ir.TensorType(dtype), shape=ir.Shape([]))
+            delta = ir.node("Sub", [output, residual], name=names.fresh("kiln_prune_gate.sub"))
+            scaled = ir.node("Mul", [delta.outputs[0], gate], name=names.fresh("kiln_prune_gate.mul"))
+            gated = ir.node("Add", [residual, scaled.outputs[0]], name=names.fresh("kiln_prune_gate.add"))
+            for node in (delta, scaled, gated):
+                node.outputs[0].name = names.fresh(f"{node.name}.out")
+            graph.insert_after(output.producer(), [delta, scaled, gated])
+            for use in uses:
+                use.node.replace_input_with(use.idx, gated.outputs[0])
+            graph.inputs.append(gate)
+            gates.append(gate)
+            gated_values[output] = gated.outputs[0]
+            inserted.append((output, gated.outputs[0], [delta, scaled, gated]))
+
+        def undo() -> None:
+            for output, gated, nodes in reversed(inserted):
+                gated.replace_all_uses_with(output)
+                graph.remove(nodes, safe=True)
+            for gate in gates:
+                graph.inputs.remove(gate)
+
+        return undo
+
+    session = _gates.session_with_edit(model, edit)
     outputs = [o.name for o in session.get_outputs() if "float" in o.type]
-    ones = {gate.name: np.ones((), _NUMPY[gate.dtype]) for gate in gates}
+    ones = {gate.name: np.ones((), _gates.NUMPY[gate.dtype]) for gate in gates}
     errors = np.zeros(len(units))
     for feed in feeds:
         reference = session.run(outputs, {**feed, **ones})
         for i, gate in enumerate(gates):
-            got = session.run(outputs, {**feed, **ones, gate.name: np.zeros((), _NUMPY[gate.dtype])})
-            errors[i] += sum(
-                float(np.sum((g.astype(np.float64) - r) ** 2) / max(np.sum(r.astype(np.float64) ** 2), 1e-300))
-                for g, r in zip(got, reference, strict=True)
-            )
+            closed = {gate.name: np.zeros((), _gates.NUMPY[gate.dtype])}
+            errors[i] += _gates.relative_change(session.run(outputs, {**feed, **ones, **closed}), reference)
     return [float(e / len(feeds)) for e in errors]
-
-
-_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64}

@@ -16,9 +16,9 @@ Importance (``activation``): ``s_j = E[a_j^2] ||W_P[:, j]||^2`` with ``a`` the i
 norm of ``A``'s filter ``j`` (no data). Allocation: ``uniform`` removes ``ratio`` of every chain's channels;
 ``global`` ranks channels of all chains by ``s_j / E||y_P||^2`` (relative to the chain's output, so by how much the
 chain's output moves: per-layer ratios follow sensitivity), in groups of ``multiple_of``, and removes ``ratio`` of
-all channels, or of the model's parameters or multiply-adds (``target``, :mod:`kiln.passes.prune.budget`: by score
-per parameter or multiply-add saved, so channels of high-resolution chains go sooner under a FLOP budget), keeping
-at least ``min_ratio`` of each chain. Kept counts are multiples of ``multiple_of`` where the chain is that wide.
+all channels, or of the model's parameters, multiply-adds or run time (``target``,
+:mod:`kiln.passes.prune.budget`), keeping at least ``min_ratio`` of each chain. Kept counts are multiples of
+``multiple_of`` where the chain is that wide.
 
 Bias compensation (``activation`` only, ``P`` 1x1): the removed channels' mean ``E[a_j] W_P[:, j]`` is added to
 ``P``'s bias (an Add is inserted when it has none).

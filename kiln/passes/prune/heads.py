@@ -7,12 +7,16 @@ their biases) and the same rows of ``W_o``; the attention output is ``sum_h c_h 
 shape, or in the Concat building it, is rewritten; ``-1`` needs nothing).
 
 Importance (``activation``): the expected squared norm of the head's contribution to O's output, from calibration
-statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross terms dropped).
+statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross terms dropped). Importance
+(``output_error``): the measured change of the model's outputs, ``sum_outputs ||y - y_0||^2 / ||y_0||^2`` over the
+first ``error_feeds`` calibration batches, with the head's channels of O's input set to 0 and every other head
+intact (one ONNX Runtime run per head and batch, on a temporarily gated copy of the graph); it sees what the head's
+signal does downstream, which the activation score cannot.
 Allocation: ``uniform`` keeps the same number of heads in every layer (the ``heads`` option, or ``1 - ratio`` of
-them); ``global`` ranks all heads of the model by ``s_h / E||r||^2``, with ``r`` the residual stream entering the
-sublayer, so a head's score is how much it moves the stream, and removes ``ratio`` of them, or of the model's
-parameters or multiply-adds (``target``, :mod:`kiln.passes.prune.budget`: by score per parameter or multiply-add
-saved); at least ``min_heads`` stay per layer.
+them); ``global`` ranks all heads of the model, by ``s_h / E||r||^2`` with ``activation`` (``r`` the residual
+stream entering the sublayer, so a head's score is how much it moves the stream) or by the output error itself,
+and removes ``ratio`` of them, or of the model's parameters, multiply-adds or run time (``target``,
+:mod:`kiln.passes.prune.budget`); at least ``min_heads`` stay per layer.
 
 Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
 to O's bias (a bias Add is inserted when O has none), so the output keeps its mean.
@@ -34,11 +38,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit, budget
+from kiln.passes.prune import _edit, _gates, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import Attention, Projection, Sublayer, find_structure, parameter_count
 
@@ -51,6 +56,9 @@ class HeadsOptions:
     * ``ratio``: fraction of the heads to remove (per layer with "uniform", over the model with "global").
     * ``allocation``: "uniform" or "global" (by importance relative to the residual stream, see the module doc).
     * ``min_heads``: heads every layer keeps at least, with "global".
+    * ``importance``: "activation" (from calibration statistics) or "output_error" (measured: the model's outputs
+      with each head masked alone, over ``error_feeds`` calibration batches; see the module doc).
+    * ``error_feeds``: calibration batches used by ``importance = "output_error"``.
     * ``target``: what ``ratio`` is a share of with "global": "units" (heads), "params" or "flops" (of the whole
       model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed heads' mean output into O's bias.
@@ -60,6 +68,8 @@ class HeadsOptions:
     ratio: float = 0.25
     allocation: Literal["uniform", "global"] = "uniform"
     min_heads: int = 1
+    importance: Literal["activation", "output_error"] = "activation"
+    error_feeds: int = 2
     target: budget.Target = "units"
     bias_compensation: bool = True
 
@@ -74,6 +84,10 @@ class HeadsOptions:
             raise ValueError("heads (a per-layer count) goes with allocation='uniform'; use ratio with 'global'")
         if self.min_heads < 1:
             raise ValueError(f"min_heads must be >= 1, got {self.min_heads}")
+        if self.importance not in ("activation", "output_error"):
+            raise ValueError(f"importance must be 'activation' or 'output_error', got {self.importance!r}")
+        if self.error_feeds < 1:
+            raise ValueError(f"error_feeds must be >= 1, got {self.error_feeds}")
         budget.check_options(self.target, self.allocation)
 
 
@@ -102,8 +116,13 @@ class PruneHeads(KilnPass):
                     f"({attention.past[0].name!r}); prune the full graph instead"
                 )
         contexts, streams = self._statistics(model, sublayers)
-        scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
-        removed, spent = self._allocate(model, sublayers, scores, streams)
+        if opts.importance == "output_error":
+            scores = self._output_errors(model, sublayers)
+            relative = scores  # already on one scale: the model's outputs
+        else:
+            scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
+            relative = [score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores)]
+        removed, spent = self._allocate(model, sublayers, scores, relative)
         before = parameter_count(model)
         shapes = _Shapes(_weights.NameScope(model))
         layers = []
@@ -128,7 +147,11 @@ class PruneHeads(KilnPass):
                     _rewrite_shape(reshape, position=1, old=attention.num_heads, new=kept, names=shapes)
         _edit.finish(model)
         self.details = {
-            "importance": "activation: sum over the head's channels of E[x^2] * ||W_o row||^2",
+            "importance": (
+                "output_error: relative squared change of the model's outputs with the head masked"
+                if opts.importance == "output_error"
+                else "activation: sum over the head's channels of E[x^2] * ||W_o row||^2"
+            ),
             "allocation": opts.allocation,
             "budget": spent,
             "bias_compensation": opts.bias_compensation,
@@ -148,14 +171,29 @@ class PruneHeads(KilnPass):
         moments = channel_moments(self.context.calibration, model, [*contexts, *streams])
         return {v: moments[v] for v in contexts}, {v: moments[v] for v in streams}
 
+    def _output_errors(self, model: ir.Model, sublayers: list[Sublayer]) -> list[np.ndarray]:
+        """Per layer and head, the outputs' relative change with that head's context channels masked."""
+        assert self.context.calibration is not None  # checked by requires()
+        feeds = list(CalibrationData(lambda: iter(self.context.calibration), limit=self.options.error_feeds))
+        masks = []
+        for i, sublayer in enumerate(sublayers):
+            d, heads = sublayer.attention.head_dim, sublayer.attention.num_heads
+            for h in range(heads):
+                mask = np.ones(heads * d)
+                mask[h * d : (h + 1) * d] = 0
+                masks.append((i, mask))
+        errors = iter(_gates.masked_channel_errors(model, [s.attention.o.input for s in sublayers], masks, feeds))
+        return [np.array([next(errors) for _ in range(s.attention.num_heads)]) for s in sublayers]
+
     def _allocate(
         self,
         model: ir.Model,
         sublayers: list[Sublayer],
         scores: list[np.ndarray],
-        streams: dict[ir.Value, ChannelMoments],
+        relative: list[np.ndarray],
     ) -> tuple[list[set[int]], dict[str, object] | None]:
-        """The heads to remove, per layer, and the global budget's record (None with "uniform")."""
+        """The heads to remove, per layer (``relative``: scores comparable across layers, for "global"), and the
+        global budget's record (None with "uniform")."""
         opts = self.options
         steps = [_steps(score, s.attention.num_kv_heads) for s, score in zip(sublayers, scores, strict=True)]
         if opts.allocation == "uniform":
@@ -172,12 +210,11 @@ class PruneHeads(KilnPass):
             return removed, None
         budget.prepare(model, opts.target)
         layers = []
-        for sublayer, score, layer_steps in zip(sublayers, scores, steps, strict=True):
-            relative = score / streams[sublayer.residual].mean_square.sum()
+        for sublayer, score, rel, layer_steps in zip(sublayers, scores, relative, steps, strict=True):
             layers.append(
                 budget.Layer(
                     steps=layer_steps,
-                    scores=[float(relative[list(step)].sum()) for step in layer_steps],
+                    scores=[float(rel[list(step)].sum()) for step in layer_steps],
                     units=len(score),
                     floor=opts.min_heads,
                     cost=_head_cost(sublayer.attention, opts.target),

@@ -9,9 +9,9 @@ Importance (activation-weighted norm, as in Wanda / FLAP): ``s_j = E[a_j^2] ||W_
 squared size of the channel's contribution to the output, from calibration statistics of ``a`` (the down
 projection's input). Allocation: ``uniform`` removes ``ratio`` of the channels of every MLP; ``global`` ranks all
 channels by ``s_j / E||r||^2`` (``r`` the residual stream entering the sublayer), in groups of ``multiple_of``
-(each MLP's lowest-scored first), and removes ``ratio`` of all channels, or of the model's parameters or multiply-adds
-(``target``, :mod:`kiln.passes.prune.budget`: by score per parameter or multiply-add saved), keeping at least
-``min_ratio`` of each MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP
+(each MLP's lowest-scored first), and removes ``ratio`` of all channels, or of the model's parameters,
+multiply-adds or run time (``target``, :mod:`kiln.passes.prune.budget`), keeping at least ``min_ratio`` of each
+MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP
 is that wide.
 
 Bias compensation (FLAP): the removed channels' mean output ``E[a_removed] W_down[removed]`` is added to the down
