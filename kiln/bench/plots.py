@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kiln.bench.runner import BenchResult
+from kiln.errors import KilnError
 
 _COLORS = {"fp32": "black", "ort": "tab:blue", "kiln": "tab:orange"}
 _LABELS = {"fp32": "fp32", "ort": "ONNX Runtime quantizers", "kiln": "kiln recipes"}
@@ -57,7 +58,10 @@ def plot_tradeoffs(result: BenchResult, path: str | Path) -> Path:
     Points are numbered, with the names listed beside the panels (names written at the points overlap). Variants
     more than 50% worse than fp32 are drawn as triangles on the edge of the panel, so they do not squash the rest.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise KilnError("plots need matplotlib: pip install 'onnx-kiln[bench]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
