@@ -1,4 +1,4 @@
-"""Measure kiln's pruning passes on the zoo models: task metric, latency and parameter counts, in one run.
+"""Measure pruning and low-rank passes on the zoo models: task metric, latency and parameter counts, in one run.
 
     python tools/prune_measure.py smollm2 [--windows 16] [--configs bi6,last6,random6,attn-half,mlp25]
     python tools/prune_measure.py minilm [--configs heads9,heads6,heads-default]
@@ -55,6 +55,13 @@ MINILM = {
     "heads9-global": ("prune.heads", {"ratio": 0.25, "allocation": "global"}),
     "heads6-global": ("prune.heads", {"ratio": 0.5, "allocation": "global"}),
     "heads-default": ("recipe", "prune-heads"),
+    "heads9-err": ("prune.heads", {"ratio": 0.25, "allocation": "global", "importance": "output_error"}),
+    "heads6-err": ("prune.heads", {"ratio": 0.5, "allocation": "global", "importance": "output_error"}),
+    # Low-rank factorization at three parameter budgets (keep 90/80/70% of the factored weights' parameters).
+    "asvd90": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.9}),
+    "asvd80": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.8}),
+    "asvd70": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.7}),
+    "svd80": ("lowrank.svd", {"target": "params", "keep": 0.8}),
 }
 
 
@@ -195,6 +202,10 @@ EFFICIENTNET = {
     "filters-flops25": ("prune.filters", {"ratio": 0.25, "allocation": "global", "target": "flops"}),
     "filters-params15": ("prune.filters", {"ratio": 0.15, "allocation": "global", "target": "params"}),
     "filters-latency20": ("prune.filters", {"ratio": 0.2, "allocation": "global", "target": "latency"}),
+    "asvd90": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.9}),
+    "asvd80": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.8}),
+    "asvd70": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.7}),
+    "svd80": ("lowrank.svd", {"target": "params", "keep": 0.8}),
 }
 
 

@@ -1,4 +1,4 @@
-"""Global pruning targets: remove a fraction of the units, of the parameters, or of the multiply-adds.
+"""Global pruning targets: remove a share of the units, of the parameters, of the multiply-adds or of the run time.
 
 A pruning pass describes what it may remove as one :class:`Layer` per prunable place (an attention sublayer, an
 MLP, a conv chain): the removal ``steps`` in the order they would go (lowest importance first), each step's
@@ -22,16 +22,15 @@ high-resolution chains, whose channels the per-layer importance underrates, and 
   ``C_out * C_in / group * prod(kernel)`` per output position, and a dimension that is not static counts 1, so a
   transformer's count is per token. Attention's own products (``Q K^T``, ``P V``) depend on no weight and are not
   counted.
-
-With ``"params"`` or ``"flops"``, a target that the layers cannot reach without crossing their floors is an error
-naming the largest saving possible.
-
 * ``target = "latency"``: ``ratio`` is the share of measured run time to remove (0.2: 1.25x faster). Time is no
   linear function of multiply-adds (memory traffic, kernel shapes, fixed costs per node), so :func:`meet_latency`
   searches for it: a bisection over the share of multiply-adds removed, each step pruning a clone of the model with
   ``target = "flops"`` and timing it against the original in ONNX Runtime (round-robin, median, on the first
   calibration batch, 2 threads). The model is then pruned at the smallest share that met the time, and the details
   record every step of the search.
+
+A parameter, FLOP or time target that the layers cannot reach without crossing their floors is an error naming
+what was possible.
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class Layer:
 
     #: Unit indices removed by each step, the first step first.
     steps: list[tuple[int, ...]]
-    #: Each step's importance (summed over its units, relative to the layer's stream); rising along the steps.
+    #: Each step's importance, summed over its units, on a scale shared by all layers; rising along the steps.
     scores: list[float]
     #: Units of the layer.
     units: int
