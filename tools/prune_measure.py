@@ -1,4 +1,4 @@
-"""Measure kiln's pruning passes on the zoo models: task metric, latency and parameter counts, in one run.
+"""Measure pruning and low-rank passes on the zoo models: task metric, latency and parameter counts, in one run.
 
     python tools/prune_measure.py smollm2 [--windows 16] [--configs bi6,last6,random6,attn-half,mlp25]
     python tools/prune_measure.py minilm [--configs heads9,heads6,heads-default]
@@ -31,6 +31,7 @@ from kiln.compiler.inspect import inspect_model
 from kiln.compiler.metrics import EmbeddingCosine, token_nll
 from kiln.passes import create
 from kiln.passes._base import PassContext
+from kiln.passes.prune import budget
 from kiln.targets.ort.runner import make_session
 from kiln.zoo.smollm2 import past_names
 
@@ -54,6 +55,13 @@ MINILM = {
     "heads9-global": ("prune.heads", {"ratio": 0.25, "allocation": "global"}),
     "heads6-global": ("prune.heads", {"ratio": 0.5, "allocation": "global"}),
     "heads-default": ("recipe", "prune-heads"),
+    "heads9-err": ("prune.heads", {"ratio": 0.25, "allocation": "global", "importance": "output_error"}),
+    "heads6-err": ("prune.heads", {"ratio": 0.5, "allocation": "global", "importance": "output_error"}),
+    # Low-rank factorization at three parameter budgets (keep 90/80/70% of the factored weights' parameters).
+    "asvd90": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.9}),
+    "asvd80": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.8}),
+    "asvd70": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.7}),
+    "svd80": ("lowrank.svd", {"target": "params", "keep": 0.8}),
 }
 
 
@@ -104,6 +112,13 @@ def _latency(paths: list[Path], feeds: list[dict[str, np.ndarray]], runs: int) -
 
 def _params(path: Path) -> int:
     return inspect_model(path)["constant_elements"]
+
+
+def _macs(path: Path) -> float:
+    """Multiply-adds of the weighted layers per run, as the pruning budgets count them (kiln.passes.prune.budget)."""
+    model = kiln.load(path)
+    budget.prepare(model, "flops")
+    return sum(budget.weighted_macs(node) for node in model.graph)
 
 
 def smollm2(args: argparse.Namespace, tmp: Path) -> None:
@@ -182,6 +197,15 @@ EFFICIENTNET = {
     "filters25-global": ("prune.filters", {"ratio": 0.25, "allocation": "global"}),
     "filters25-uniform": ("prune.filters", {"ratio": 0.25, "allocation": "uniform"}),
     "filters25-l1": ("prune.filters", {"ratio": 0.25, "importance": "l1"}),
+    # Global budgets in the model's multiply-adds or parameters instead of a share of the channels.
+    "filters-flops15": ("prune.filters", {"ratio": 0.15, "allocation": "global", "target": "flops"}),
+    "filters-flops25": ("prune.filters", {"ratio": 0.25, "allocation": "global", "target": "flops"}),
+    "filters-params15": ("prune.filters", {"ratio": 0.15, "allocation": "global", "target": "params"}),
+    "filters-latency20": ("prune.filters", {"ratio": 0.2, "allocation": "global", "target": "latency"}),
+    "asvd90": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.9}),
+    "asvd80": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.8}),
+    "asvd70": ("lowrank.asvd", {"whiten": "cov", "target": "params", "keep": 0.7}),
+    "svd80": ("lowrank.svd", {"target": "params", "keep": 0.8}),
 }
 
 
@@ -192,18 +216,18 @@ def efficientnet(args: argparse.Namespace, tmp: Path) -> None:
     latency_feed = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     reference = make_session(path, threads=2)
     ref_logits = [reference.run(None, feed)[0] for feed in feeds]
-    rows = [("fp32 original", 1.0, 1.0, _params(path))]
+    rows = [("fp32 original", 1.0, 1.0, _params(path), _macs(path))]
     for label in args.configs.split(","):
         pruned, _ = _prune(path, [EFFICIENTNET[label]], calibration, tmp / label)
         candidate = make_session(pruned, threads=2)
         agree = [(candidate.run(None, f)[0].argmax(1) == r.argmax(1)) for f, r in zip(feeds, ref_logits, strict=True)]
         ref_ms, new_ms = _latency([path, pruned], [latency_feed, latency_feed], args.runs)
-        rows.append((label, float(np.concatenate(agree).mean()), ref_ms / new_ms, _params(pruned)))
+        rows.append((label, float(np.concatenate(agree).mean()), ref_ms / new_ms, _params(pruned), _macs(pruned)))
         print(f"{label}: top-1 agreement {rows[-1][1]:.4f}, {ref_ms:.2f} -> {new_ms:.2f} ms", flush=True)
-    print("\n| config | top-1 agreement | speedup (batch 1) | params |")
-    print("|---|---|---|---|")
-    for label, agreement, speed, params in rows:
-        print(f"| {label} | {agreement:.4f} | {speed:.2f}x | {params:,} |")
+    print("\n| config | top-1 agreement | speedup (batch 1) | params | multiply-adds (M) |")
+    print("|---|---|---|---|---|")
+    for label, agreement, speed, params, macs in rows:
+        print(f"| {label} | {agreement:.4f} | {speed:.2f}x | {params:,} | {macs / 1e6:.1f} |")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ Two checks per compiled ``ort-cpu`` variant of a benchmark:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from kiln.compiler.io import model_bytes
 from kiln.compiler.timing import Latency, session_settings
 from kiln.errors import KilnError
 from kiln.targets.ort.mobile import ORT_FILE
-from kiln.targets.ort.runner import make_session
+from kiln.targets.ort.runner import make_session, session_feed
 from kiln.targets.ort.settings import SESSION_FILE, SessionSettings
 
 
@@ -83,8 +84,9 @@ def compare_settings(result: BenchResult, *, threads: int = 2, budget_s: float =
             key: make_session(model, settings=session_settings(threads, settings.to_json()))
             for key, settings in (("saved", saved), ("default", default))
         }
+        feeds = {key: session_feed(session, feed) for key, session in sessions.items()}
         runs: dict[str, Callable[[], object]] = {
-            key: (lambda s=session: s.run(None, feed)) for key, session in sessions.items()
+            key: functools.partial(session.run, None, feeds[key]) for key, session in sessions.items()
         }
         latency = time_interleaved(runs, budget_s=budget_s, min_repeats=5, max_repeats=40)
         rows.append(SettingsRow(name, _differences(saved), latency["saved"], latency["default"]))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kiln.targets.base import Feed
-from kiln.targets.ort.runner import make_session
+from kiln.targets.ort.runner import make_session, session_feed
 
 #: Session config entries of every session kiln times.
 TIMING_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
@@ -49,13 +49,14 @@ def compare_latency(
 ) -> dict[str, Latency]:
     """Time every model on ``feed``, interleaved, and return its :class:`Latency` by key."""
     sessions = {key: make_session(path, settings=session_settings(threads)) for key, path in models.items()}
+    feeds = {key: session_feed(session, feed) for key, session in sessions.items()}
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(warmup):
-        for session in sessions.values():
-            session.run(None, feed)
+        for key, session in sessions.items():
+            session.run(None, feeds[key])
     for _ in range(repeats):
         for key, session in sessions.items():
             start = time.perf_counter()
-            session.run(None, feed)
+            session.run(None, feeds[key])
             samples[key].append((time.perf_counter() - start) * 1e3)
     return {key: Latency(float(np.median(s)), float(np.percentile(s, 90)), repeats) for key, s in samples.items()}

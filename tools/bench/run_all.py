@@ -28,7 +28,7 @@ from kiln.bench.command import make_progress
 from kiln.bench.plots import pareto_front, plot_tradeoffs
 from kiln.bench.runner import BenchOptions, BenchResult, run_bench
 from kiln.compiler import recipes
-from kiln.errors import KilnError
+from kiln.errors import KilnError, describe
 
 FULL_MODELS = ("minilm-l6", "efficientnet-lite0", "smollm2-135m", "smollm2-135m/decode")
 #: Compiling every recipe on SmolLM2 takes about an hour on the 2-core machine (low-rank, mixed-precision and AWQ
@@ -356,7 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.no_artifacts or isinstance(result, str) or spec not in chosen_models:
                 continue
             task = progress.add_task(f"{spec}: saved settings vs defaults, .ort vs .onnx", total=None)
-            artifacts[spec] = _artifacts_text(result, budget_s=2.0 if args.quick else 5.0)
+            try:
+                artifacts[spec] = _artifacts_text(result, budget_s=2.0 if args.quick else 5.0)
+            except Exception as e:  # one failed comparison must not lose the hours measured before it
+                artifacts[spec] = f"Not measured: {describe(e)}"
+                err.print(f"  {spec}: settings / .ort comparison failed: {describe(e)}", markup=False)
             progress.remove_task(task)
         scale = None
         if not (args.quick or args.no_scale):

@@ -28,23 +28,20 @@ counts before and after.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler import io
 from kiln.compiler.calibration import CalibrationData, Feed, Reducer
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit
+from kiln.passes.prune import _edit, _gates, budget
 from kiln.passes.prune._stats import CosineGap, channel_moments
 from kiln.passes.prune.structure import Structure, Sublayer, find_structure, parameter_count
-from kiln.targets.ort.runner import make_session
 
 
 @dataclasses.dataclass
@@ -54,6 +51,9 @@ class BlocksOptions:
     * ``unit``: "block" (attention + MLP), "attention" or "mlp" sublayers.
     * ``indices``: drop exactly these units (0-based; e.g. chosen on the full graph and applied to its decode graph);
       else ``count`` units when it is > 0; else ``fraction`` of them, rounded to the nearest count.
+    * ``target``: "units" (the above), or "params" / "flops" / "latency": drop units in importance order until
+      ``fraction`` of the model's parameters, multiply-adds (their projections' weights) or measured run time is
+      gone; see :mod:`kiln.passes.prune.budget`.
     * ``importance``: "block_influence" or "output_error" (both need calibration), "last" or "random"; not used
       with ``indices``.
     * ``seed``: for ``importance = "random"``.
@@ -69,6 +69,7 @@ class BlocksOptions:
     error_feeds: int = 2
     mean_compensation: bool = False
     indices: list[int] = dataclasses.field(default_factory=list)
+    target: budget.Target = "units"
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "attention", "mlp"):
@@ -87,6 +88,9 @@ class BlocksOptions:
             raise ValueError("give count or indices, not both")
         if len(set(self.indices)) != len(self.indices) or any(i < 0 for i in self.indices):
             raise ValueError(f"indices must be distinct and >= 0, got {self.indices}")
+        budget.check_options(self.target, "global")
+        if self.target != "units" and (self.count or self.indices):
+            raise ValueError(f"target={self.target!r} drops units until 'fraction' is met: give no count or indices")
 
 
 @register("prune.blocks")
@@ -103,18 +107,27 @@ class PruneBlocks(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model, field="fraction")
         structure = find_structure(model)
         units = _units(structure, opts.unit)
-        count = opts.count or len(opts.indices) or round(opts.fraction * len(units))
         if any(i >= len(units) for i in opts.indices):
             raise KilnError(f"prune.blocks: indices {opts.indices} out of range for {len(units)} {opts.unit} units")
-        if count == 0:
-            self.details = {"dropped": [], "reason": f"fraction {opts.fraction} of {len(units)} units rounds to 0"}
-            return ir.passes.PassResult(model, modified=False)
-        if count >= len(units):
-            raise KilnError(f"prune.blocks: cannot drop {count} of the model's {len(units)} {opts.unit} units")
+        spent = None
+        if opts.target == "units":
+            count = opts.count or len(opts.indices) or round(opts.fraction * len(units))
+            if count == 0:
+                self.details = {"dropped": [], "reason": f"fraction {opts.fraction} of {len(units)} units rounds to 0"}
+                return ir.passes.PassResult(model, modified=False)
+            if count >= len(units):
+                raise KilnError(f"prune.blocks: cannot drop {count} of the model's {len(units)} {opts.unit} units")
         scores = None if opts.indices else self._scores(model, units)
-        drop = sorted(opts.indices) if opts.indices else sorted(self._order(units, scores)[:count])
+        if opts.target != "units":
+            order = self._order(units, scores)
+            count, spent = _count_for_budget(model, units, order, opts.target, opts.fraction)
+            drop = sorted(order[:count])
+        else:
+            drop = sorted(opts.indices) if opts.indices else sorted(self._order(units, scores)[:count])
         before = parameter_count(model)
         dropped_sublayers = [sub for i in drop for sub in units[i]]
         if opts.mean_compensation:
@@ -136,6 +149,7 @@ class PruneBlocks(KilnPass):
             ],
             "reason": "given by option 'indices'" if opts.indices else _reason(opts.importance, opts.seed),
             "mean_compensation": opts.mean_compensation,
+            "budget": spent,
             "scores": scores,
             "parameters_before": before,
             "parameters_after": parameter_count(model),
@@ -170,6 +184,39 @@ class PruneBlocks(KilnPass):
         return [int(i) for i in np.random.default_rng(self.options.seed).permutation(len(units))]
 
 
+def _count_for_budget(
+    model: ir.Model, units: list[tuple[Sublayer, ...]], order: list[int], target: budget.Target, fraction: float
+) -> tuple[int, dict[str, object]]:
+    """How many units of ``order`` to drop for ``fraction`` of the model's parameters or multiply-adds, and the
+    budget's record."""
+    budget.prepare(model, target)
+    total = budget.model_total(model, target, [])
+    goal, saved = fraction * total, 0.0
+    for count, index in enumerate(order[:-1], start=1):  # one unit always stays
+        saved += sum(_unit_cost(sublayer, target) for sublayer in units[index])
+        if saved >= goal:
+            return count, budget.record(target, fraction, total, saved)
+    raise KilnError(
+        f"prune.blocks: dropping {fraction:.0%} of the model's {budget.MEASURES[target]} is out of reach: all but "
+        f"one unit hold {saved / total:.1%}"
+    )
+
+
+def _unit_cost(sublayer: Sublayer, target: budget.Target) -> float:
+    """Parameters (weights and biases) or multiply-adds of a sublayer's projections; its normalization's few
+    weights are not counted."""
+    projections = (
+        [sublayer.attention.q, sublayer.attention.k, sublayer.attention.v, sublayer.attention.o]
+        if sublayer.attention is not None
+        else [*sublayer.mlp.inner, sublayer.mlp.down]
+    )
+    total = 0.0
+    for projection in projections:
+        k, n = projection.shape
+        total += budget.cost(projection.matmul, k * n, n if projection.bias else 0, target)
+    return total
+
+
 def _units(structure: Structure, unit: str) -> list[tuple[Sublayer, ...]]:
     if unit == "block":
         return [block.sublayers() for block in structure.blocks]
@@ -192,7 +239,7 @@ def _compensate(model: ir.Model, sublayers: list[Sublayer], calibration: Calibra
     names = _weights.NameScope(model)
     for sublayer in sublayers:
         branch = sublayer.branch
-        mean = moments[branch].mean.astype(_NUMPY.get(branch.dtype, np.float32))
+        mean = moments[branch].mean.astype(_gates.NUMPY.get(branch.dtype, np.float32))
         constant = _weights.add_initializer(model.graph, names.fresh(f"{sublayer.add.name}.mean_branch"), mean)
         index = next(i for i, v in enumerate(sublayer.add.inputs) if v is branch)
         sublayer.add.replace_input_with(index, constant)
@@ -248,48 +295,46 @@ def _output_errors(model: ir.Model, units: list[tuple[Sublayer, ...]], feeds: li
     """Relative squared change of all float outputs when each unit alone is dropped, summed over ``feeds``."""
     graph = model.graph
     names = _weights.NameScope(model)
-    gates, undo = [], []
-    gated_values: dict[ir.Value, ir.Value] = {}
-    for unit in units:
-        residual, output = unit[0].residual, unit[-1].output
-        residual = gated_values.get(residual, residual)  # the previous unit's gated output
-        uses = list(output.uses())
-        dtype = output.dtype or ir.DataType.FLOAT
-        gate = ir.Value(name=names.fresh("kiln_prune_gate"), type=ir.TensorType(dtype), shape=ir.Shape([]))
-        delta = ir.node("Sub", [output, residual], name=names.fresh("kiln_prune_gate.sub"))
-        scaled = ir.node("Mul", [delta.outputs[0], gate], name=names.fresh("kiln_prune_gate.mul"))
-        gated = ir.node("Add", [residual, scaled.outputs[0]], name=names.fresh("kiln_prune_gate.add"))
-        for node in (delta, scaled, gated):
-            node.outputs[0].name = names.fresh(f"{node.name}.out")
-        graph.insert_after(output.producer(), [delta, scaled, gated])
-        for use in uses:
-            use.node.replace_input_with(use.idx, gated.outputs[0])
-        graph.inputs.append(gate)
-        gates.append(gate)
-        gated_values[output] = gated.outputs[0]
-        undo.append((output, gated.outputs[0], [delta, scaled, gated]))
-    try:
-        with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
-            path = io.save(model, Path(tmp) / "gated.onnx")
-            session = make_session(path)
-    finally:
-        for output, gated, nodes in reversed(undo):
-            gated.replace_all_uses_with(output)
-            graph.remove(nodes, safe=True)
-        for gate in gates:
-            graph.inputs.remove(gate)
+    gates: list[ir.Value] = []
+
+    def edit() -> Callable[[], None]:
+        inserted = []
+        gated_values: dict[ir.Value, ir.Value] = {}
+        for unit in units:
+            residual, output = unit[0].residual, unit[-1].output
+            residual = gated_values.get(residual, residual)  # the previous unit's gated output
+            uses = list(output.uses())
+            dtype = output.dtype or ir.DataType.FLOAT
+            gate = ir.Value(name=names.fresh("kiln_prune_gate"), type=ir.TensorType(dtype), shape=ir.Shape([]))
+            delta = ir.node("Sub", [output, residual], name=names.fresh("kiln_prune_gate.sub"))
+            scaled = ir.node("Mul", [delta.outputs[0], gate], name=names.fresh("kiln_prune_gate.mul"))
+            gated = ir.node("Add", [residual, scaled.outputs[0]], name=names.fresh("kiln_prune_gate.add"))
+            for node in (delta, scaled, gated):
+                node.outputs[0].name = names.fresh(f"{node.name}.out")
+            graph.insert_after(output.producer(), [delta, scaled, gated])
+            for use in uses:
+                use.node.replace_input_with(use.idx, gated.outputs[0])
+            graph.inputs.append(gate)
+            gates.append(gate)
+            gated_values[output] = gated.outputs[0]
+            inserted.append((output, gated.outputs[0], [delta, scaled, gated]))
+
+        def undo() -> None:
+            for output, gated, nodes in reversed(inserted):
+                gated.replace_all_uses_with(output)
+                graph.remove(nodes, safe=True)
+            for gate in gates:
+                graph.inputs.remove(gate)
+
+        return undo
+
+    session = _gates.session_with_edit(model, edit)
     outputs = [o.name for o in session.get_outputs() if "float" in o.type]
-    ones = {gate.name: np.ones((), _NUMPY[gate.dtype]) for gate in gates}
+    ones = {gate.name: np.ones((), _gates.NUMPY[gate.dtype]) for gate in gates}
     errors = np.zeros(len(units))
     for feed in feeds:
         reference = session.run(outputs, {**feed, **ones})
         for i, gate in enumerate(gates):
-            got = session.run(outputs, {**feed, **ones, gate.name: np.zeros((), _NUMPY[gate.dtype])})
-            errors[i] += sum(
-                float(np.sum((g.astype(np.float64) - r) ** 2) / max(np.sum(r.astype(np.float64) ** 2), 1e-300))
-                for g, r in zip(got, reference, strict=True)
-            )
+            closed = {gate.name: np.zeros((), _gates.NUMPY[gate.dtype])}
+            errors[i] += _gates.relative_change(session.run(outputs, {**feed, **ones, **closed}), reference)
     return [float(e / len(feeds)) for e in errors]
-
-
-_NUMPY = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16, ir.DataType.DOUBLE: np.float64}

@@ -15,8 +15,10 @@ Importance (``activation``): ``s_j = E[a_j^2] ||W_P[:, j]||^2`` with ``a`` the i
 (all positions), the expected squared size of the channel's contribution to ``P``'s output; ``l1`` / ``l2``: the
 norm of ``A``'s filter ``j`` (no data). Allocation: ``uniform`` removes ``ratio`` of every chain's channels;
 ``global`` ranks channels of all chains by ``s_j / E||y_P||^2`` (relative to the chain's output, so by how much the
-chain's output moves: per-layer ratios follow sensitivity) and removes ``ratio`` of all, keeping at least
-``min_ratio`` of each chain. Kept counts are multiples of ``multiple_of`` where the chain is that wide.
+chain's output moves: per-layer ratios follow sensitivity), in groups of ``multiple_of``, and removes ``ratio`` of
+all channels, or of the model's parameters, multiply-adds or run time (``target``,
+:mod:`kiln.passes.prune.budget`), keeping at least ``min_ratio`` of each chain. Kept counts are multiples of
+``multiple_of`` where the chain is that wide.
 
 Bias compensation (``activation`` only, ``P`` 1x1): the removed channels' mean ``E[a_j] W_P[:, j]`` is added to
 ``P``'s bias (an Add is inserted when it has none).
@@ -25,6 +27,7 @@ Bias compensation (``activation`` only, ``P`` 1x1): the removed channels' mean `
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import numpy as np
@@ -34,7 +37,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit
+from kiln.passes.prune import _edit, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import parameter_count
 
@@ -63,7 +66,10 @@ class FiltersOptions:
     * ``importance``: "activation" (needs calibration), "l1" or "l2" (filter norms of the first conv).
     * ``allocation``: "uniform" or "global" (see the module doc; "global" needs ``importance = "activation"``).
     * ``min_ratio``: with "global", the fraction of each chain's channels that stays at least.
-    * ``multiple_of``: kept channel counts are rounded to a multiple of this.
+    * ``multiple_of``: kept channel counts are rounded to a multiple of this ("global" removes channels in groups
+      of it).
+    * ``target``: what ``ratio`` is a share of with "global": "units" (channels), "params" or "flops" (of the whole
+      model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed channels' mean into the last conv's bias ("activation" only).
     """
 
@@ -72,6 +78,7 @@ class FiltersOptions:
     allocation: Literal["uniform", "global"] = "uniform"
     min_ratio: float = 0.25
     multiple_of: int = 8
+    target: budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -87,6 +94,7 @@ class FiltersOptions:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        budget.check_options(self.target, self.allocation)
 
 
 @register("prune.filters")
@@ -102,6 +110,8 @@ class PruneFilters(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model)
         chains = find_chains(model.graph)
         if not chains:
             raise KilnError(
@@ -110,7 +120,7 @@ class PruneFilters(KilnPass):
             )
         inputs, outputs = self._statistics(model, chains)
         scores = [self._score(chain, inputs) for chain in chains]
-        counts = self._counts(chains, scores, outputs)
+        counts, spent = self._counts(model, chains, scores, outputs)
         before = parameter_count(model)
         names = _weights.NameScope(model)
         layers = []
@@ -124,6 +134,7 @@ class PruneFilters(KilnPass):
         self.details = {
             "importance": opts.importance,
             "allocation": opts.allocation,
+            "budget": spent,
             "chains": len(chains),
             "channels_before": sum(layer["channels"] for layer in layers),
             "channels_after": sum(layer["kept"] for layer in layers),
@@ -152,26 +163,53 @@ class PruneFilters(KilnPass):
         return w_a.sum(axis=1) if self.options.importance == "l1" else (w_a * w_a).sum(axis=1)
 
     def _counts(
-        self, chains: list[Chain], scores: list[np.ndarray], outputs: dict[ir.Value, ChannelMoments]
-    ) -> list[int]:
+        self,
+        model: ir.Model,
+        chains: list[Chain],
+        scores: list[np.ndarray],
+        outputs: dict[ir.Value, ChannelMoments],
+    ) -> tuple[list[int], dict[str, object] | None]:
+        """Channels to remove from each chain (its lowest-scored), and the global budget's record (None with
+        "uniform")."""
         opts = self.options
         if opts.allocation == "uniform":
-            return [c.channels - self._width(c.channels, c.channels * (1 - opts.ratio)) for c in chains]
-        relative = [s / outputs[c.last.outputs[0]].mean_square.sum() for c, s in zip(chains, scores, strict=True)]
-        floor = [int(np.ceil(opts.min_ratio * c.channels)) for c in chains]
-        budget = round(opts.ratio * sum(c.channels for c in chains))
-        counts = [0] * len(chains)
-        for _, i in sorted((float(r), i) for i, rel in enumerate(relative) for r in rel):
-            if budget == 0:
-                break
-            if chains[i].channels - counts[i] > floor[i]:
-                counts[i] += 1
-                budget -= 1
-        return [c.channels - self._width(c.channels, c.channels - n) for c, n in zip(chains, counts, strict=True)]
+            return [c.channels - self._width(c.channels, c.channels * (1 - opts.ratio)) for c in chains], None
+        budget.prepare(model, opts.target)
+        layers = []
+        for chain, score in zip(chains, scores, strict=True):
+            relative = np.sort(score / outputs[chain.last.outputs[0]].mean_square.sum())
+            size = opts.multiple_of if chain.channels >= opts.multiple_of else 1
+            starts = range(0, chain.channels, size)
+            layers.append(
+                budget.Layer(
+                    steps=[tuple(range(i, min(i + size, chain.channels))) for i in starts],
+                    scores=[float(relative[i : i + size].sum()) for i in starts],
+                    units=chain.channels,
+                    floor=int(np.ceil(opts.min_ratio * chain.channels)),
+                    cost=_channel_cost(chain, opts.target),
+                )
+            )
+        total = budget.model_total(model, opts.target, layers)
+        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.filters")
+        counts = [sum(len(step) for step in layer.steps[:n]) for layer, n in zip(layers, taken, strict=True)]
+        return counts, budget.record(opts.target, opts.ratio, total, saved)
 
     def _width(self, width: int, wanted: float) -> int:
         step = self.options.multiple_of if width >= self.options.multiple_of else 1
         return int(min(width, max(step, step * round(wanted / step))))
+
+
+def _channel_cost(chain: Chain, target: budget.Target) -> float:
+    """What one channel of a chain takes: a filter of the first conv (and of the depthwise one) with its bias and
+    BatchNorm entries (scale, bias, mean, variance), and an input channel of the last conv."""
+    shape = _weights.constant_tensor(chain.last.inputs[1]).shape.numpy()
+    total = budget.cost(chain.last, int(shape[0]) * math.prod(int(d) for d in shape[2:]), 4 * len(chain.norms), target)
+    for conv in (chain.first, chain.depthwise):
+        if conv is not None:
+            per_filter = math.prod(int(d) for d in _weights.constant_tensor(conv.inputs[1]).shape.numpy()[1:])
+            biased = len(conv.inputs) > 2 and conv.inputs[2] is not None
+            total += budget.cost(conv, per_filter, 1 if biased else 0, target)
+    return total
 
 
 def _conv(node: ir.Node | None, *, depthwise: bool = False) -> bool:

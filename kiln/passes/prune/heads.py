@@ -7,11 +7,16 @@ their biases) and the same rows of ``W_o``; the attention output is ``sum_h c_h 
 shape, or in the Concat building it, is rewritten; ``-1`` needs nothing).
 
 Importance (``activation``): the expected squared norm of the head's contribution to O's output, from calibration
-statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross terms dropped).
+statistics of O's input, ``s_h = sum_{c in h} E[x_c^2] ||W_o[c, :]||^2`` (cross terms dropped). Importance
+(``output_error``): the measured change of the model's outputs, ``sum_outputs ||y - y_0||^2 / ||y_0||^2`` over the
+first ``error_feeds`` calibration batches, with the head's channels of O's input set to 0 and every other head
+intact (one ONNX Runtime run per head and batch, on a temporarily gated copy of the graph); it sees what the head's
+signal does downstream, which the activation score cannot.
 Allocation: ``uniform`` keeps the same number of heads in every layer (the ``heads`` option, or ``1 - ratio`` of
-them); ``global`` ranks all heads of the model by ``s_h / E||r||^2``, with ``r`` the residual stream entering the
-sublayer, so a head's score is how much it moves the stream, and removes ``ratio`` of them (at least ``min_heads``
-stay per layer).
+them); ``global`` ranks all heads of the model, by ``s_h / E||r||^2`` with ``activation`` (``r`` the residual
+stream entering the sublayer, so a head's score is how much it moves the stream) or by the output error itself,
+and removes ``ratio`` of them, or of the model's parameters, multiply-adds or run time (``target``,
+:mod:`kiln.passes.prune.budget`); at least ``min_heads`` stay per layer.
 
 Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
 to O's bias (a bias Add is inserted when O has none), so the output keeps its mean.
@@ -33,13 +38,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit
+from kiln.passes.prune import _edit, _gates, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
-from kiln.passes.prune.structure import Attention, Sublayer, find_structure, parameter_count
+from kiln.passes.prune.structure import Attention, Projection, Sublayer, find_structure, parameter_count
 
 
 @dataclasses.dataclass
@@ -50,6 +56,11 @@ class HeadsOptions:
     * ``ratio``: fraction of the heads to remove (per layer with "uniform", over the model with "global").
     * ``allocation``: "uniform" or "global" (by importance relative to the residual stream, see the module doc).
     * ``min_heads``: heads every layer keeps at least, with "global".
+    * ``importance``: "activation" (from calibration statistics) or "output_error" (measured: the model's outputs
+      with each head masked alone, over ``error_feeds`` calibration batches; see the module doc).
+    * ``error_feeds``: calibration batches used by ``importance = "output_error"``.
+    * ``target``: what ``ratio`` is a share of with "global": "units" (heads), "params" or "flops" (of the whole
+      model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed heads' mean output into O's bias.
     """
 
@@ -57,6 +68,9 @@ class HeadsOptions:
     ratio: float = 0.25
     allocation: Literal["uniform", "global"] = "uniform"
     min_heads: int = 1
+    importance: Literal["activation", "output_error"] = "activation"
+    error_feeds: int = 2
+    target: budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -70,6 +84,11 @@ class HeadsOptions:
             raise ValueError("heads (a per-layer count) goes with allocation='uniform'; use ratio with 'global'")
         if self.min_heads < 1:
             raise ValueError(f"min_heads must be >= 1, got {self.min_heads}")
+        if self.importance not in ("activation", "output_error"):
+            raise ValueError(f"importance must be 'activation' or 'output_error', got {self.importance!r}")
+        if self.error_feeds < 1:
+            raise ValueError(f"error_feeds must be >= 1, got {self.error_feeds}")
+        budget.check_options(self.target, self.allocation)
 
 
 @register("prune.heads")
@@ -81,6 +100,8 @@ class PruneHeads(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model)
         sublayers = find_structure(model).attentions()
         if not sublayers:
             raise KilnError("prune.heads: the model has no attention sublayers left")
@@ -95,8 +116,13 @@ class PruneHeads(KilnPass):
                     f"({attention.past[0].name!r}); prune the full graph instead"
                 )
         contexts, streams = self._statistics(model, sublayers)
-        scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
-        removed = self._allocate(sublayers, scores, streams)
+        if opts.importance == "output_error":
+            scores = self._output_errors(model, sublayers)
+            relative = scores  # already on one scale: the model's outputs
+        else:
+            scores = [_scores(s.attention, contexts[s.attention.o.input]) for s in sublayers]
+            relative = [score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores)]
+        removed, spent = self._allocate(model, sublayers, scores, relative)
         before = parameter_count(model)
         shapes = _Shapes(_weights.NameScope(model))
         layers = []
@@ -121,8 +147,13 @@ class PruneHeads(KilnPass):
                     _rewrite_shape(reshape, position=1, old=attention.num_heads, new=kept, names=shapes)
         _edit.finish(model)
         self.details = {
-            "importance": "activation: sum over the head's channels of E[x^2] * ||W_o row||^2",
+            "importance": (
+                "output_error: relative squared change of the model's outputs with the head masked"
+                if opts.importance == "output_error"
+                else "activation: sum over the head's channels of E[x^2] * ||W_o row||^2"
+            ),
             "allocation": opts.allocation,
+            "budget": spent,
             "bias_compensation": opts.bias_compensation,
             "heads_kept": [layer["heads_kept"] for layer in layers],
             "layers": layers,
@@ -140,10 +171,29 @@ class PruneHeads(KilnPass):
         moments = channel_moments(self.context.calibration, model, [*contexts, *streams])
         return {v: moments[v] for v in contexts}, {v: moments[v] for v in streams}
 
+    def _output_errors(self, model: ir.Model, sublayers: list[Sublayer]) -> list[np.ndarray]:
+        """Per layer and head, the outputs' relative change with that head's context channels masked."""
+        assert self.context.calibration is not None  # checked by requires()
+        feeds = list(CalibrationData(lambda: iter(self.context.calibration), limit=self.options.error_feeds))
+        masks = []
+        for i, sublayer in enumerate(sublayers):
+            d, heads = sublayer.attention.head_dim, sublayer.attention.num_heads
+            for h in range(heads):
+                mask = np.ones(heads * d)
+                mask[h * d : (h + 1) * d] = 0
+                masks.append((i, mask))
+        errors = iter(_gates.masked_channel_errors(model, [s.attention.o.input for s in sublayers], masks, feeds))
+        return [np.array([next(errors) for _ in range(s.attention.num_heads)]) for s in sublayers]
+
     def _allocate(
-        self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]
-    ) -> list[set[int]]:
-        """The heads to remove, per layer."""
+        self,
+        model: ir.Model,
+        sublayers: list[Sublayer],
+        scores: list[np.ndarray],
+        relative: list[np.ndarray],
+    ) -> tuple[list[set[int]], dict[str, object] | None]:
+        """The heads to remove, per layer (``relative``: scores comparable across layers, for "global"), and the
+        global budget's record (None with "uniform")."""
         opts = self.options
         steps = [_steps(score, s.attention.num_kv_heads) for s, score in zip(sublayers, scores, strict=True)]
         if opts.allocation == "uniform":
@@ -157,27 +207,33 @@ class PruneHeads(KilnPass):
                         + (f" (grouped-query attention: remove a multiple of {size})" if size > 1 else "")
                     )
                 removed.append({h for step in layer_steps[: (n - keep) // size] for h in step})
-            return removed
-        relative = [score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores, strict=True)]
-        total = sum(len(score) for score in scores)
-        budget = round(opts.ratio * total)
-        # Steps in order of their heads' mean relative score; a layer's steps come in its own order (rising scores).
-        candidates = sorted(
-            (float(np.mean(rel[list(step)])), layer)
-            for layer, (rel, layer_steps) in enumerate(zip(relative, steps, strict=True))
-            for step in layer_steps
-        )
-        removed: list[set[int]] = [set() for _ in scores]
-        taken = [0] * len(scores)
-        for _, layer in candidates:
-            step = steps[layer][taken[layer]]  # the layer's next step (scores rise along a layer's steps)
-            if budget < len(step):
-                continue
-            if len(scores[layer]) - len(removed[layer]) - len(step) >= opts.min_heads:
-                removed[layer].update(step)
-                taken[layer] += 1
-                budget -= len(step)
-        return removed
+            return removed, None
+        budget.prepare(model, opts.target)
+        layers = []
+        for sublayer, score, rel, layer_steps in zip(sublayers, scores, relative, steps, strict=True):
+            layers.append(
+                budget.Layer(
+                    steps=layer_steps,
+                    scores=[float(rel[list(step)].sum()) for step in layer_steps],
+                    units=len(score),
+                    floor=opts.min_heads,
+                    cost=_head_cost(sublayer.attention, opts.target),
+                )
+            )
+        total = budget.model_total(model, opts.target, layers)
+        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.heads")
+        removed = [{h for step in layer.steps[:n] for h in step} for layer, n in zip(layers, taken, strict=True)]
+        return removed, budget.record(opts.target, opts.ratio, total, saved)
+
+
+def _head_cost(attention: Attention, target: budget.Target) -> float:
+    """What one query head takes: its columns of Q (and of K, V without grouped-query attention), their biases, and
+    its rows of O."""
+    d = attention.head_dim
+    total = budget.cost(attention.o.matmul, d * attention.o.shape[1], 0, target)
+    for projection in _sliced(attention):
+        total += budget.cost(projection.matmul, projection.shape[0] * d, d if projection.bias else 0, target)
+    return total
 
 
 def _steps(score: np.ndarray, kv_heads: int) -> list[tuple[int, ...]]:
@@ -192,6 +248,14 @@ def _steps(score: np.ndarray, kv_heads: int) -> list[tuple[int, ...]]:
         for g in range(kv_heads)
     ]
     return [tuple(order[g][j] for g in range(kv_heads)) for j in range(group)]
+
+
+def _sliced(attention: Attention) -> tuple[Projection, ...]:
+    """The projections whose columns a head owns: with grouped-query attention K and V keep every KV head, and
+    only Q's heads (and O's rows) go."""
+    if attention.num_kv_heads != attention.num_heads:
+        return (attention.q,)
+    return attention.q, attention.k, attention.v
 
 
 def _kv_repeats(attention: Attention) -> list[tuple[ir.Node, ir.Node]]:
@@ -234,8 +298,7 @@ def _remove_heads(
     kept_heads = heads - len(drop)
     dropped_channels = np.concatenate([np.arange(h * d, (h + 1) * d) for h in drop])
     keep = _edit.keep_indices(heads * d, set(dropped_channels.tolist()))
-    # With grouped-query attention K and V keep every KV head: only Q's heads (and O's rows) go.
-    sliced = (attention.q,) if attention.num_kv_heads != heads else (attention.q, attention.k, attention.v)
+    sliced = _sliced(attention)
     # Head counts first: the Reshape nodes are found from the projections' outputs, which slicing keeps.
     for projection in sliced:
         for use in list(projection.output.uses()):

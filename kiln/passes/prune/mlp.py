@@ -8,9 +8,11 @@ between are elementwise).
 Importance (activation-weighted norm, as in Wanda / FLAP): ``s_j = E[a_j^2] ||W_down[j, :]||^2``, the expected
 squared size of the channel's contribution to the output, from calibration statistics of ``a`` (the down
 projection's input). Allocation: ``uniform`` removes ``ratio`` of the channels of every MLP; ``global`` ranks all
-channels by ``s_j / E||r||^2`` (``r`` the residual stream entering the sublayer) and removes ``ratio`` of all of
-them, keeping at least ``min_ratio`` of each MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM
-kernels) where the MLP is that wide.
+channels by ``s_j / E||r||^2`` (``r`` the residual stream entering the sublayer), in groups of ``multiple_of``
+(each MLP's lowest-scored first), and removes ``ratio`` of all channels, or of the model's parameters,
+multiply-adds or run time (``target``, :mod:`kiln.passes.prune.budget`), keeping at least ``min_ratio`` of each
+MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP
+is that wide.
 
 Bias compensation (FLAP): the removed channels' mean output ``E[a_removed] W_down[removed]`` is added to the down
 projection's bias (an Add is inserted when it has none). Details record per MLP the width before and after and
@@ -29,7 +31,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit
+from kiln.passes.prune import _edit, budget
 from kiln.passes.prune._stats import ChannelMoments, channel_moments
 from kiln.passes.prune.structure import Sublayer, find_structure, parameter_count
 
@@ -41,7 +43,9 @@ class MLPOptions:
     * ``ratio``: fraction of the intermediate channels to remove.
     * ``allocation``: "uniform" (the same fraction in every MLP) or "global" (see the module doc).
     * ``min_ratio``: with "global", the fraction of each MLP's channels that stays at least.
-    * ``multiple_of``: kept widths are rounded to a multiple of this.
+    * ``multiple_of``: kept widths are rounded to a multiple of this ("global" removes channels in groups of it).
+    * ``target``: what ``ratio`` is a share of with "global": "units" (channels), "params" or "flops" (of the whole
+      model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed channels' mean output into the down projection's bias.
     """
 
@@ -49,6 +53,7 @@ class MLPOptions:
     allocation: Literal["uniform", "global"] = "uniform"
     min_ratio: float = 0.25
     multiple_of: int = 8
+    target: budget.Target = "units"
     bias_compensation: bool = True
 
     def __post_init__(self) -> None:
@@ -60,6 +65,7 @@ class MLPOptions:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
+        budget.check_options(self.target, self.allocation)
 
 
 @register("prune.mlp")
@@ -71,12 +77,14 @@ class PruneMLP(KilnPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
+        if opts.target == "latency":
+            return budget.meet_latency(self, model)
         sublayers = find_structure(model).mlps()
         if not sublayers:
             raise KilnError("prune.mlp: the model has no MLP sublayers left")
         inner, streams = self._statistics(model, sublayers)
         scores = [_scores(s, inner[s.mlp.down.input]) for s in sublayers]
-        removed = self._allocate(sublayers, scores, streams)
+        removed, spent = self._allocate(model, sublayers, scores, streams)
         before = parameter_count(model)
         names = _weights.NameScope(model)
         layers = []
@@ -99,6 +107,7 @@ class PruneMLP(KilnPass):
         self.details = {
             "importance": "activation-weighted norm: E[a_j^2] * ||W_down row j||^2",
             "allocation": opts.allocation,
+            "budget": spent,
             "bias_compensation": opts.bias_compensation,
             "widths": [layer["kept"] for layer in layers],
             "layers": layers,
@@ -117,32 +126,52 @@ class PruneMLP(KilnPass):
         return {v: moments[v] for v in inner}, {v: moments[v] for v in streams}
 
     def _allocate(
-        self, sublayers: list[Sublayer], scores: list[np.ndarray], streams: dict[ir.Value, ChannelMoments]
-    ) -> list[set[int]]:
+        self,
+        model: ir.Model,
+        sublayers: list[Sublayer],
+        scores: list[np.ndarray],
+        streams: dict[ir.Value, ChannelMoments],
+    ) -> tuple[list[set[int]], dict[str, object] | None]:
+        """The channels to remove, per MLP, and the global budget's record (None with "uniform")."""
         opts = self.options
+        orders = [np.argsort(score, kind="stable") for score in scores]
         if opts.allocation == "uniform":
             counts = [len(score) - self._width(len(score), len(score) * (1 - opts.ratio)) for score in scores]
-        else:
-            relative = [
-                score / streams[s.residual].mean_square.sum() for s, score in zip(sublayers, scores, strict=True)
-            ]
-            floor = [int(np.ceil(opts.min_ratio * len(score))) for score in scores]
-            budget = round(opts.ratio * sum(len(score) for score in scores))
-            ranked = sorted((float(r), layer) for layer, rel in enumerate(relative) for r in rel)
-            counts = [0] * len(scores)
-            for _, layer in ranked:
-                if budget == 0:
-                    break
-                if len(scores[layer]) - counts[layer] > floor[layer]:
-                    counts[layer] += 1
-                    budget -= 1
-            counts = [len(s) - self._width(len(s), len(s) - c) for s, c in zip(scores, counts, strict=True)]
-        return [{int(j) for j in np.argsort(score, kind="stable")[:count]} for score, count in zip(scores, counts)]
+            return [{int(j) for j in order[:count]} for order, count in zip(orders, counts, strict=True)], None
+        budget.prepare(model, opts.target)
+        layers = []
+        for sublayer, score, order in zip(sublayers, scores, orders, strict=True):
+            relative = score / streams[sublayer.residual].mean_square.sum()
+            size = opts.multiple_of if len(score) >= opts.multiple_of else 1
+            steps = [tuple(int(j) for j in order[i : i + size]) for i in range(0, len(order), size)]
+            layers.append(
+                budget.Layer(
+                    steps=steps,
+                    scores=[float(relative[list(step)].sum()) for step in steps],
+                    units=len(score),
+                    floor=int(np.ceil(opts.min_ratio * len(score))),
+                    cost=_channel_cost(sublayer, opts.target),
+                )
+            )
+        total = budget.model_total(model, opts.target, layers)
+        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.mlp")
+        removed = [{j for step in layer.steps[:n] for j in step} for layer, n in zip(layers, taken, strict=True)]
+        return removed, budget.record(opts.target, opts.ratio, total, saved)
 
     def _width(self, width: int, wanted: float) -> int:
         """``wanted`` rounded to a multiple of ``multiple_of`` (at least one multiple, at most ``width``)."""
         step = self.options.multiple_of if width >= self.options.multiple_of else 1
         return int(min(width, max(step, step * round(wanted / step))))
+
+
+def _channel_cost(sublayer: Sublayer, target: budget.Target) -> float:
+    """What one intermediate channel takes: a column of each inner projection (with its bias entry) and a row of
+    the down projection."""
+    down = sublayer.mlp.down
+    total = budget.cost(down.matmul, down.shape[1], 0, target)
+    for projection in sublayer.mlp.inner:
+        total += budget.cost(projection.matmul, projection.shape[0], 1 if projection.bias else 0, target)
+    return total
 
 
 def _scores(sublayer: Sublayer, inner: ChannelMoments) -> np.ndarray:

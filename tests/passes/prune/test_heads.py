@@ -62,6 +62,29 @@ def test_silent_heads_go_first_and_outputs_stay_equal() -> None:
     assert pruned.details["parameters_before"] - pruned.details["parameters_after"] == removed
 
 
+def test_output_error_is_the_measured_change_with_the_head_masked() -> None:
+    model = bert(layers=2)
+    _silence(model, 1, [2])
+    feeds = [_x(1), _x(2)]
+    # Measure one head by hand: zero its O rows in a copy and compare outputs (the first batch and the second).
+    w_o = weight(model, "l0.o.w").copy()
+    reference = [run(model, feed)[0].astype(np.float64) for feed in feeds]
+    masked = w_o.copy()
+    masked[3 * D : 4 * D] = 0
+    set_weight(model, "l0.o.w", masked)
+    changed = [run(model, feed)[0].astype(np.float64) for feed in feeds]
+    set_weight(model, "l0.o.w", w_o)
+    by_hand = np.mean([np.sum((c - r) ** 2) / np.sum(r**2) for c, r in zip(changed, reference, strict=True)])
+    inputs = [v.name for v in model.graph.inputs]
+    pruned = _prune(model, ratio=0.125, allocation="global", importance="output_error", bias_compensation=False)
+    scores = [layer["scores"] for layer in pruned.details["layers"]]
+    assert scores[0][3] == pytest.approx(by_hand, rel=1e-4)
+    assert scores[1][2] == 0.0 and min(min(s) for s in scores) == 0.0
+    assert [layer["removed"] for layer in pruned.details["layers"]] == [[], [2]]  # 1 of 8 heads: the silent one
+    assert [v.name for v in model.graph.inputs] == inputs  # the gates are gone again
+    assert pruned.details["importance"].startswith("output_error")
+
+
 def test_head_count_in_a_shared_concat() -> None:
     model = bert(layers=2, concat=True)
     _silence(model, 0, [0])
@@ -115,6 +138,7 @@ def test_global_allocation_keeps_min_heads() -> None:
         ({"heads": -1}, "heads must be >= 0"),
         ({"ratio": 1.0}, "ratio must be in [0, 1)"),
         ({"heads": 4, "allocation": "global"}, "heads (a per-layer count) goes with allocation='uniform'"),
+        ({"error_feeds": 0}, "error_feeds must be >= 1"),
         ({"min_heads": 0}, "min_heads must be >= 1"),
     ],
 )
