@@ -5,8 +5,8 @@ Top-1 agreement counts how often a compressed classifier picks fp32's class. On 
 quantizer does already changes the winner. This tool measures that floor, in one run, against the fp32 model on the
 zoo's verification images:
 
-* Gaussian noise on the input of ``0.25``, ``0.5`` and ``1`` gray level (one level is ``2/255`` in the model's
-  [-1, 1] input scale), i.e. less than the 8-bit rounding every photo has already been through;
+* Gaussian noise on the input with a standard deviation of ``0.25``, ``0.5`` and ``1`` gray level (one level is
+  ``2/255`` in the model's [-1, 1] input scale; the 8-bit rounding every photo has been through is 0.29 level);
 * the weights rounded to fp16;
 * the Conv/Gemm weights rounded to 8 bits per output channel (symmetric, round to nearest; activations float);
 * any compiled kiln output directories given with ``--outdirs``.
