@@ -28,8 +28,9 @@ from kiln.bench.runner import BenchResult
 from kiln.compiler.io import model_bytes
 from kiln.compiler.timing import Latency, session_settings
 from kiln.errors import KilnError
+from kiln.targets.base import feed_for
 from kiln.targets.ort.mobile import ORT_FILE
-from kiln.targets.ort.runner import make_session, session_feed
+from kiln.targets.ort.runner import make_session
 from kiln.targets.ort.settings import SESSION_FILE, SessionSettings
 
 
@@ -84,7 +85,7 @@ def compare_settings(result: BenchResult, *, threads: int = 2, budget_s: float =
             key: make_session(model, settings=session_settings(threads, settings.to_json()))
             for key, settings in (("saved", saved), ("default", default))
         }
-        feeds = {key: session_feed(session, feed) for key, session in sessions.items()}
+        feeds = {key: feed_for((i.name for i in s.get_inputs()), feed) for key, s in sessions.items()}
         runs: dict[str, Callable[[], object]] = {
             key: functools.partial(session.run, None, feeds[key]) for key, session in sessions.items()
         }

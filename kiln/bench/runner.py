@@ -41,7 +41,7 @@ from kiln.compiler.metrics import Metric, MetricResult
 from kiln.compiler.timing import Latency, session_settings
 from kiln.compiler.verify import OutputStats, Tolerance, random_feeds
 from kiln.errors import KilnError
-from kiln.targets.base import Feed, Runner
+from kiln.targets.base import Feed, Runner, feed_for
 from kiln.targets.ort.runner import OrtRunner, make_session
 from kiln.targets.ort.settings import SESSION_FILE
 
@@ -477,12 +477,6 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _own_inputs(runner: Runner, feed: Feed) -> Feed:
-    """The part of ``feed`` that ``runner`` takes: a pass may have removed inputs (a pruned layer's KV cache)."""
-    names = set(runner.input_names)
-    return {k: v for k, v in feed.items() if k in names}
-
-
 def _evaluate(
     subject: Subject, runners: dict[str, Runner], reference: str, progress: Progress | None
 ) -> tuple[dict[str, MetricResult], dict[str, str]]:
@@ -496,7 +490,7 @@ def _evaluate(
         for name, runner in runners.items():
             if name != reference and name not in failed:
                 try:
-                    metrics[name].update(feed, ref, runner(_own_inputs(runner, feed)))
+                    metrics[name].update(feed, ref, runner(feed_for(runner.input_names, feed)))
                 except Exception as e:  # one broken variant must not sink the whole table
                     failed[name] = f"fails in its runtime: {_first_line(e)}"
             if progress is not None and task is not None:
@@ -551,7 +545,7 @@ def run_bench(spec: str | Path, options: BenchOptions | None = None, progress: P
     timed = {**runners, CONTROL: control}
     budget, min_repeats, max_repeats, warmup = (10.0, 3, 10, 1) if options.quick else (120.0, 5, 50, 2)
     latency = time_interleaved(
-        {name: functools.partial(runner, _own_inputs(runner, feed)) for name, runner in timed.items()},
+        {name: functools.partial(runner, feed_for(runner.input_names, feed)) for name, runner in timed.items()},
         warmup=warmup,
         repeats=options.repeats,
         budget_s=budget,

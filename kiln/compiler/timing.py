@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from kiln.targets.base import Feed
-from kiln.targets.ort.runner import make_session, session_feed
+from kiln.targets.base import Feed, feed_for
+from kiln.targets.ort.runner import make_session
 
 #: Session config entries of every session kiln times.
 TIMING_SESSION_CONFIG: dict[str, str] = {"session.intra_op.allow_spinning": "0"}
@@ -49,7 +49,7 @@ def compare_latency(
 ) -> dict[str, Latency]:
     """Time every model on ``feed``, interleaved, and return its :class:`Latency` by key."""
     sessions = {key: make_session(path, settings=session_settings(threads)) for key, path in models.items()}
-    feeds = {key: session_feed(session, feed) for key, session in sessions.items()}
+    feeds = {key: feed_for((i.name for i in s.get_inputs()), feed) for key, s in sessions.items()}
     samples: dict[str, list[float]] = {key: [] for key in sessions}
     for _ in range(warmup):
         for key, session in sessions.items():

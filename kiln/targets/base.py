@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +22,13 @@ import numpy as np
 from kiln import options
 
 Feed = Mapping[str, np.ndarray]
+
+
+def feed_for(names: Iterable[str], feed: Feed) -> Feed:
+    """The entries of ``feed`` a model with inputs ``names`` reads: a pruned decode graph has fewer inputs (a dropped
+    layer's KV cache) than the feed built for the original."""
+    wanted = set(names)
+    return {name: value for name, value in feed.items() if name in wanted}
 
 
 @dataclasses.dataclass(frozen=True)

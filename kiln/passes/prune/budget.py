@@ -124,6 +124,16 @@ def allocate(layers: list[Layer], target: Target, ratio: float, total: float, wh
     return taken, saved
 
 
+def spend(
+    model: ir.Model, layers: list[Layer], target: Target, ratio: float, what: str
+) -> tuple[list[int], dict[str, object]]:
+    """:func:`allocate` against the model's total in ``target``: the steps taken per layer and the budget's record
+    for the pass's details."""
+    total = model_total(model, target, layers)
+    taken, saved = allocate(layers, target, ratio, total, what)
+    return taken, record(target, ratio, total, saved)
+
+
 def record(target: Target, ratio: float, total: float, saved: float) -> dict[str, object]:
     """The budget's entry in a pass's details."""
     return {"target": target, "ratio": ratio, "total": total, "removed": saved, "removed_fraction": saved / total}

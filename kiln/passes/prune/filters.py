@@ -189,10 +189,9 @@ class PruneFilters(KilnPass):
                     cost=_channel_cost(chain, opts.target),
                 )
             )
-        total = budget.model_total(model, opts.target, layers)
-        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.filters")
+        taken, spent = budget.spend(model, layers, opts.target, opts.ratio, "prune.filters")
         counts = [sum(len(step) for step in layer.steps[:n]) for layer, n in zip(layers, taken, strict=True)]
-        return counts, budget.record(opts.target, opts.ratio, total, saved)
+        return counts, spent
 
     def _width(self, width: int, wanted: float) -> int:
         step = self.options.multiple_of if width >= self.options.multiple_of else 1

@@ -220,10 +220,9 @@ class PruneHeads(KilnPass):
                     cost=_head_cost(sublayer.attention, opts.target),
                 )
             )
-        total = budget.model_total(model, opts.target, layers)
-        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.heads")
+        taken, spent = budget.spend(model, layers, opts.target, opts.ratio, "prune.heads")
         removed = [{h for step in layer.steps[:n] for h in step} for layer, n in zip(layers, taken, strict=True)]
-        return removed, budget.record(opts.target, opts.ratio, total, saved)
+        return removed, spent
 
 
 def _head_cost(attention: Attention, target: budget.Target) -> float:

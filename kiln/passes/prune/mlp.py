@@ -11,8 +11,7 @@ projection's input). Allocation: ``uniform`` removes ``ratio`` of the channels o
 channels by ``s_j / E||r||^2`` (``r`` the residual stream entering the sublayer), in groups of ``multiple_of``
 (each MLP's lowest-scored first), and removes ``ratio`` of all channels, or of the model's parameters,
 multiply-adds or run time (``target``, :mod:`kiln.passes.prune.budget`), keeping at least ``min_ratio`` of each
-MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP
-is that wide.
+MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP is that wide.
 
 Bias compensation (FLAP): the removed channels' mean output ``E[a_removed] W_down[removed]`` is added to the down
 projection's bias (an Add is inserted when it has none). Details record per MLP the width before and after and
@@ -153,10 +152,9 @@ class PruneMLP(KilnPass):
                     cost=_channel_cost(sublayer, opts.target),
                 )
             )
-        total = budget.model_total(model, opts.target, layers)
-        taken, saved = budget.allocate(layers, opts.target, opts.ratio, total, "prune.mlp")
+        taken, spent = budget.spend(model, layers, opts.target, opts.ratio, "prune.mlp")
         removed = [{j for step in layer.steps[:n] for j in step} for layer, n in zip(layers, taken, strict=True)]
-        return removed, budget.record(opts.target, opts.ratio, total, saved)
+        return removed, spent
 
     def _width(self, width: int, wanted: float) -> int:
         """``wanted`` rounded to a multiple of ``multiple_of`` (at least one multiple, at most ``width``)."""

@@ -26,13 +26,6 @@ _NUMPY_TYPES = {
 }
 
 
-def session_feed(session: ort.InferenceSession, feed: Feed) -> Feed:
-    """The entries of ``feed`` that ``session`` reads: a pruned decode graph has fewer inputs (a dropped layer's KV
-    cache) than the feed built for the original."""
-    names = {i.name for i in session.get_inputs()}
-    return {name: value for name, value in feed.items() if name in names}
-
-
 def make_session(
     path: str | Path,
     *,
