@@ -34,6 +34,10 @@ class TvmRunner(Runner):
         self._dtypes = {i["name"]: np.dtype(i["dtype"]) for i in metadata["inputs"]}
         self._tvm = tvm
         self.device = tvm.cpu()
+        if metadata.get("device") == "cuda":
+            self.device = tvm.cuda(0)
+            if not self.device.exist:
+                raise KilnError(f"{library}: the library runs on a CUDA device, and TVM sees none on this machine")
         try:
             self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         except Exception as e:

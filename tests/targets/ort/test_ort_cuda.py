@@ -1,4 +1,5 @@
-"""ort-cuda: a clear refusal without CUDA, CUDA provider settings, and fp16 conversion with fp32 islands."""
+"""ort-cuda: a clear refusal without CUDA, CUDA provider settings, fp16 conversion with fp32 islands, and on a
+machine with onnxruntime-gpu and a GPU, artifacts that verify and run on the CUDA provider."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from kiln.targets.ort import SessionSettings
 from kiln.targets.ort.fp16 import convert_to_fp16
 from tests.targets.conftest import rtn_recipe
 
-pytestmark = pytest.mark.skipif(
-    "CUDAExecutionProvider" in ort.get_available_providers(), reason="these tests cover machines without CUDA"
-)
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+without_cuda = pytest.mark.skipif(CUDA, reason="covers machines without CUDA")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu and a CUDA device")
 
 
+@without_cuda
 def test_compile_refuses_before_any_work(mlp_path: Path, tmp_path: Path):
     with pytest.raises(KilnError) as info:
         kiln.compile_model(mlp_path, tmp_path / "out", rtn_recipe("ort-cuda"))
@@ -32,6 +34,7 @@ def test_compile_refuses_before_any_work(mlp_path: Path, tmp_path: Path):
     assert not list(tmp_path.glob("*out*"))
 
 
+@without_cuda
 def test_build_writes_cuda_settings_that_fail_clearly_here(mlp_path: Path, tmp_path: Path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -113,3 +116,18 @@ def test_fp16_of_a_quantized_model(mlp_path: Path, tmp_path: Path):
     want = ort.InferenceSession(str(reference)).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(half)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, atol=5e-3 * np.abs(want).max())
+
+
+@needs_cuda
+@pytest.mark.parametrize("fp16", [False, True])
+def test_compile_verifies_and_runs_on_the_cuda_provider(mlp_path: Path, tmp_path: Path, fp16: bool):
+    out_dir = tmp_path / "out"
+    result = kiln.compile_model(mlp_path, out_dir, rtn_recipe("ort-cuda"), target_options={"fp16": fp16})
+    assert result.verification.passed
+    runner = kiln.targets.load(out_dir)
+    assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = runner({"x": x})["y"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=(5e-3 if fp16 else 1e-4) * np.abs(want).max())
