@@ -80,7 +80,7 @@ class TvmRunner(Runner):
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         # np.ascontiguousarray would turn a 0-d input into shape [1], which the library refuses.
-        args = [self._tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays]
+        args = [self._tvm.runtime.tensor(np.asarray(a, order="C"), device=self.device) for a in arrays]
         out = self.vm["main"](*args)
         items = [out] if hasattr(out, "numpy") else list(out)
         return [item.numpy() for item in items]

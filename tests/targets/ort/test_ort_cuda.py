@@ -16,6 +16,7 @@ from kiln import testing
 from kiln.errors import KilnError
 from kiln.targets.ort import SessionSettings
 from kiln.targets.ort.fp16 import convert_to_fp16
+from kiln.targets.ort.runner import OrtRunner
 from tests.targets.conftest import rtn_recipe
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -45,7 +46,7 @@ def test_build_writes_cuda_settings_that_fail_clearly_here(mlp_path: Path, tmp_p
     settings = SessionSettings.read(out_dir)
     assert settings.model == "model.fp16.onnx"
     assert [p.name for p in settings.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert settings.providers[0].options == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert settings.providers[0].options == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
     assert details["fp16"]["fp16_nodes"] > 0
     with pytest.raises(KilnError, match="need execution provider CUDAExecutionProvider"):
         kiln.targets.load(out_dir)
@@ -127,7 +128,9 @@ def test_compile_verifies_and_runs_on_the_cuda_provider(mlp_path: Path, tmp_path
     runner = kiln.targets.load(out_dir)
     assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
     x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
-    want = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # without graph optimizations: on the CPU, ORT would fuse DequantizeLinear + MatMul into int8-activation MatMulNBits
+    exact = SessionSettings(graph_optimization_level="ORT_DISABLE_ALL")
+    want = OrtRunner.from_path(out_dir / "model.onnx", settings=exact)({"x": x})["y"]
     got = runner({"x": x})["y"]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=(5e-3 if fp16 else 1e-4) * np.abs(want).max())

@@ -74,7 +74,9 @@ def test_compile_verifies_on_the_gpu(mlp_path: Path, tmp_path: Path, fmt: str | 
         recipe = parse(text, name="tvm-cuda-fp32")
     else:
         recipe = rtn_recipe("tvm-cuda", bits=bits, fmt=fmt)
-    result = kiln.compile_model(mlp_path, out_dir, recipe, target_options={"dims": {"batch": 2}})
+    result = kiln.compile_model(
+        mlp_path, out_dir, recipe, input_shapes={"x": [4, 64]}, target_options={"dims": {"batch": 2}}
+    )
     assert result.verification.passed
     x = np.random.default_rng(1).standard_normal((6, 64)).astype(np.float32)  # three compiled batches of 2
     got = targets.load(out_dir)({"x": x})["y"]
