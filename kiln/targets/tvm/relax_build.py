@@ -35,11 +35,21 @@ def llvm_target(mtriple: str, mcpu: str, mattr: tuple[str, ...] = (), num_cores:
     return tvm.target.Target(spec)
 
 
+#: Limits every NVIDIA GPU since Volta shares; MetaSchedule's thread binding and shared-memory rules need them
+#: (48 KiB is the static shared memory a block gets without opting in to more).
+CUDA_LIMITS = {
+    "max_threads_per_block": 1024,
+    "max_shared_memory_per_block": 49152,
+    "thread_warp_size": 32,
+    "registers_per_block": 65536,
+}
+
+
 def cuda_target(arch: str, host: Any) -> Any:
     """A TVM CUDA target for ``arch`` (``sm_90``) whose host code is compiled for ``host`` (an LLVM target)."""
     import tvm
 
-    return tvm.target.Target({"kind": "cuda", "arch": arch, "host": host})
+    return tvm.target.Target({"kind": "cuda", "arch": arch, **CUDA_LIMITS, "host": host})
 
 
 def default_rules(target: Any) -> list[Any]:
