@@ -1,4 +1,5 @@
-"""``tvm-llvm`` and ``tvm-aarch64``: the model compiled by Apache TVM (Relax) into one shared library.
+"""``tvm-llvm`` and ``tvm-aarch64`` (and ``tvm-cuda``, :mod:`kiln.targets.tvm.cuda`): the model compiled by Apache TVM
+(Relax) into one shared library.
 
 Build: :func:`kiln.targets.tvm.lower.prepare` (static shapes, quantized weights to float, folding, op check, all
 before any long work) -> Relax import -> MetaSchedule tuning when ``trials > 0`` (:mod:`kiln.targets.tvm.tune`,
@@ -10,7 +11,7 @@ Output directory (beside ``model.onnx``):
 * ``tvm.json``: inputs (name, dtype, compiled shape), output names, the TVM target description, the device kind
   (``cpu`` or ``cuda``), whether larger batches may run in chunks, what was lowered and what tuning did.
 
-Options (both targets):
+Options (every TVM target):
 
 * ``dims``: values of symbolic dimensions by name (``{batch = 1, seq = 128}``); ``input_shapes``: whole shapes by
   input name (wins over ``dims``). Every symbolic dimension needs a value: TVM compiles static shapes.
