@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model.onnx, or a zoo NAME[/VARIANT] such as minilm-l6 or smollm2-135m/decode")
     p.add_argument("-o", "--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--recipe", default="cleanup", help="recipe whose passes run first (its target is replaced)")
-    p.add_argument("--target", default="tvm-llvm", help="tvm-llvm or tvm-aarch64")
+    p.add_argument("--target", default="tvm-llvm", help="tvm-llvm, tvm-aarch64 or tvm-cuda")
     p.add_argument("--trials", type=int, required=True, help="MetaSchedule trials in all")
     p.add_argument("--time-budget", type=float, default=0.0, help="tuning wall-clock budget in seconds (0: none)")
     p.add_argument("--dim", action="append", help="a symbolic dimension's value NAME=N (e.g. batch=1, seq=128)")

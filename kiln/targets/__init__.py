@@ -16,9 +16,10 @@ TARGET_FILE = "target.json"
 
 def _registry() -> dict[str, type[Target]]:
     from kiln.targets.ort import OrtCpuTarget, OrtCudaTarget, OrtMobileTarget
-    from kiln.targets.tvm import TvmAarch64Target, TvmLlvmTarget
+    from kiln.targets.tvm import TvmAarch64Target, TvmCudaTarget, TvmLlvmTarget
 
-    return {cls.name: cls for cls in (OrtCpuTarget, OrtMobileTarget, OrtCudaTarget, TvmLlvmTarget, TvmAarch64Target)}
+    targets = (OrtCpuTarget, OrtMobileTarget, OrtCudaTarget, TvmLlvmTarget, TvmAarch64Target, TvmCudaTarget)
+    return {cls.name: cls for cls in targets}
 
 
 def names() -> list[str]:

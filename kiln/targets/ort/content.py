@@ -18,9 +18,14 @@ so kiln picks them from the model's content and records why in ``session.json``:
 from __future__ import annotations
 
 import collections
+import functools
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import onnx
+import onnxruntime as ort
 from onnxruntime.capi import _pybind_state
 
 #: Domains ONNX Runtime implements itself.
@@ -30,9 +35,32 @@ _LUT_K_MULTIPLE = 32
 _LUT_N_MULTIPLE = 128
 
 
-def cpu_kernels() -> set[tuple[str, str]]:
-    """(domain, op type) of every kernel the CPU execution provider of this onnxruntime has."""
-    return {(d.domain, d.op_name) for d in _pybind_state.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"}
+#: Providers of ONNX Runtime's CPU wheel, whose kernel list is read in-process.
+_CPU_BUILD_PROVIDERS = {"CPUExecutionProvider", "AzureExecutionProvider"}
+_LIST_KERNELS = (
+    "import json; from onnxruntime.capi import _pybind_state as p; "
+    "print(json.dumps(sorted({(d.domain, d.op_name) for d in p.get_all_opkernel_def() "
+    "if d.provider == 'CPUExecutionProvider'})))"
+)
+
+
+@functools.cache
+def cpu_kernels() -> frozenset[tuple[str, str]] | None:
+    """(domain, op type) of every kernel the CPU execution provider of this onnxruntime has; ``None`` if this build
+    cannot say.
+
+    ``get_all_opkernel_def`` loads every provider library of the build. onnxruntime-gpu 1.31.1 on a machine without
+    TensorRT (an H100, CUDA 13) fails to load its TensorRT provider there and then crashes the process (segmentation
+    fault), so a build with GPU providers is asked in a child process, and a crash there means ``None``.
+    """
+    if set(ort.get_available_providers()) <= _CPU_BUILD_PROVIDERS:
+        return frozenset(
+            (d.domain, d.op_name) for d in _pybind_state.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"
+        )
+    child = subprocess.run([sys.executable, "-c", _LIST_KERNELS], capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        return None
+    return frozenset((domain, op) for domain, op in json.loads(child.stdout))
 
 
 def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

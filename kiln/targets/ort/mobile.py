@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import onnx
 
@@ -110,12 +111,35 @@ class OrtMobileTarget(OrtTarget):
 def _check_kernels(model: onnx.ModelProto) -> None:
     """Refuse contrib ops no CPU kernel implements: mobile builds run on the CPU provider."""
     kernels = cpu_kernels()
+    if kernels is None:
+        _check_kernels_by_loading(model)
+        return
     for node in iter_nodes(model.graph):
         if node.domain.startswith("com.microsoft") and (node.domain, node.op_type) not in kernels:
-            raise KilnError(
-                f"node {node.name!r} ({node.domain}.{node.op_type}) has no CPU kernel in ONNX Runtime, so no mobile "
-                "build can run it"
-            )
+            _refuse(node)
+
+
+def _check_kernels_by_loading(model: onnx.ModelProto) -> None:
+    """For onnxruntime builds that cannot list their kernels: a CPU-only session of ``model`` names the first node
+    without one (other load failures are left to the checks after conversion)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        found = re.search(r"Could not find an implementation for (\w+)\(\d+\) node with name '([^']*)'", str(e))
+        node = next((n for n in iter_nodes(model.graph) if found and n.name == found[2]), None)
+        if node is not None:
+            _refuse(node)
+
+
+def _refuse(node: onnx.NodeProto) -> NoReturn:
+    raise KilnError(
+        f"node {node.name!r} ({node.domain}.{node.op_type}) has no CPU kernel in ONNX Runtime, so no mobile build "
+        "can run it"
+    )
 
 
 def _check_ort_format_types(optimized: onnx.ModelProto, report: dict[str, Any]) -> None:

@@ -167,7 +167,7 @@ class _Context:
         users: dict[str, list[onnx.NodeProto]],
         outputs: set[str],
         constants: dict[str, onnx.TensorProto],
-        kernels: set[tuple[str, str]],
+        kernels: frozenset[tuple[str, str]] | None,
         level: Level,
     ) -> None:
         self.producers, self.users, self.outputs = producers, users, outputs
@@ -249,13 +249,13 @@ def _activation_reason(dq: onnx.NodeProto, ctx: _Context) -> str:
     for user in ctx.users[dq.output[0]]:
         consumers = [ctx.users[out] for out in user.output]
         requantized = all(c and all(n.op_type == "QuantizeLinear" for n in c) for c in consumers)
-        has_kernel = user.op_type in _QDQ_DROPPED or any(
-            (domain, f"QLinear{user.op_type}") in ctx.kernels for domain in ("", "com.microsoft")
+        has_kernel = user.op_type in (*_QDQ_DROPPED, "MatMul", "Gemm", "Conv") or any(
+            (domain, f"QLinear{user.op_type}") in (ctx.kernels or ()) for domain in ("", "com.microsoft")
         )
-        if user.op_type in ("MatMul", "Gemm", "Conv"):
-            has_kernel = True
         if not requantized:
             reasons.append(f"{op_name(user)}'s output is not quantized again, so ORT runs it in float")
+        elif not has_kernel and ctx.kernels is None:
+            reasons.append(f"this onnxruntime build cannot list its kernels: none known for {op_name(user)}")
         elif not has_kernel:
             reasons.append(f"ORT's CPU provider has no quantized kernel for {op_name(user)}")
     return "; ".join(dict.fromkeys(reasons)) or "ONNX Runtime's QDQ selectors rejected the group"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def make_session(
         settings = SessionSettings.from_json(settings)
     settings.check_providers()
     providers, provider_options = settings.provider_arguments()
+    if "CUDAExecutionProvider" in providers:
+        _load_cuda_libraries()
     session = ort.InferenceSession(
         str(path), settings.session_options(threads=threads), providers=providers, provider_options=provider_options
     )
@@ -48,6 +51,15 @@ def make_session(
             f"{path}: ONNX Runtime could not start {providers[0]} (the session runs on {session.get_providers()})"
         )
     return session
+
+
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of pip's ``nvidia-*`` packages, where onnxruntime-gpu looks for them only
+    when asked (``import torch`` does the same as a side effect; a process without torch would fail to start the
+    CUDA provider). Once per process; a no-op in builds without CUDA."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 class OrtRunner(Runner):

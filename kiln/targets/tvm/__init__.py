@@ -1,7 +1,9 @@
-"""Apache TVM targets: ``tvm-llvm`` (this x86-64 CPU) and ``tvm-aarch64`` (cross-compiled for 64-bit ARM)."""
+"""Apache TVM targets: ``tvm-llvm`` (this x86-64 CPU), ``tvm-aarch64`` (cross-compiled for 64-bit ARM) and
+``tvm-cuda`` (NVIDIA GPUs)."""
 
 from kiln.targets.tvm.aarch64 import TvmAarch64Target
+from kiln.targets.tvm.cuda import TvmCudaTarget
 from kiln.targets.tvm.runner import TvmRunner
 from kiln.targets.tvm.target import TvmLlvmTarget, TvmOptions, TvmTarget
 
-__all__ = ["TvmAarch64Target", "TvmLlvmTarget", "TvmOptions", "TvmRunner", "TvmTarget"]
+__all__ = ["TvmAarch64Target", "TvmCudaTarget", "TvmLlvmTarget", "TvmOptions", "TvmRunner", "TvmTarget"]

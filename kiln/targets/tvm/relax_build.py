@@ -2,9 +2,10 @@
 
 Flow (TVM 0.27): ``from_onnx`` with every weight as a Relax constant (so ``FoldConstant`` sees them and the
 library carries them: there is no separate parameter file to keep in sync) -> the ``zero`` pipeline (legalize to
-TIR, fuse) -> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> dlight's CPU rules (GEMV,
-reductions) for the functions still unscheduled -> ``tvm.compile``. Untuned functions that no dlight rule matches
-(convolutions, large matmuls) stay as plain single-threaded loops: that is what "untuned" costs.
+TIR, fuse) -> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> dlight's rules for the functions
+still unscheduled -> ``tvm.compile``. On a CPU, untuned functions that no dlight rule matches (convolutions, large
+matmuls) stay as plain single-threaded loops: that is what "untuned" costs. On a GPU, dlight's fallback rule binds
+every remaining loop nest to blocks and threads, since an unbound one cannot run there.
 """
 
 from __future__ import annotations
@@ -32,6 +33,33 @@ def llvm_target(mtriple: str, mcpu: str, mattr: tuple[str, ...] = (), num_cores:
     if num_cores:
         spec["num-cores"] = num_cores
     return tvm.target.Target(spec)
+
+
+#: Limits every NVIDIA GPU since Volta shares; MetaSchedule's thread binding and shared-memory rules need them
+#: (48 KiB is the static shared memory a block gets without opting in to more).
+CUDA_LIMITS = {
+    "max_threads_per_block": 1024,
+    "max_shared_memory_per_block": 49152,
+    "thread_warp_size": 32,
+    "registers_per_block": 65536,
+}
+
+
+def cuda_target(arch: str, host: Any) -> Any:
+    """A TVM CUDA target for ``arch`` (``sm_90``) whose host code is compiled for ``host`` (an LLVM target)."""
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": arch, **CUDA_LIMITS, "host": host})
+
+
+def default_rules(target: Any) -> list[Any]:
+    """dlight's default schedule rules for ``target``'s kind, most specific first."""
+    from tvm.s_tir import dlight
+
+    if target.kind.name == "cuda":
+        gpu = dlight.gpu
+        return [gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
+    return [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
 
 
 def host_cpu() -> str:
@@ -68,9 +96,7 @@ def schedule(mod: Any, target: Any, database: Any | None) -> Any:
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction()] if target.kind.name == "llvm" else []
-        if rules:
-            mod = dlight.ApplyDefaultSchedule(*rules)(mod)
+        mod = dlight.ApplyDefaultSchedule(*default_rules(target))(mod)
     return mod
 
 
@@ -81,7 +107,19 @@ def compile_module(mod: Any, target: Any) -> Any:
     try:
         return tvm.compile(mod, target)
     except Exception as e:
-        raise KilnError(f"TVM failed to compile the model for {target.attrs.get('mtriple')}: {describe(e)}") from None
+        where = target.attrs.get("arch") or target.attrs.get("mtriple")
+        raise KilnError(f"TVM failed to compile the model for {target.kind.name} {where}: {describe(e)}") from None
+
+
+def cuda_kernels(library: Any) -> int:
+    """How many CUDA kernels (``__global__`` functions) a compiled executable's device modules hold."""
+    pending, kernels = [library.mod], 0
+    while pending:
+        module = pending.pop()
+        pending.extend(module.imports)
+        if module.kind == "cuda":
+            kernels += str(module.inspect_source()).count("__global__")
+    return kernels
 
 
 def count_scheduled(mod: Any) -> tuple[int, int]:

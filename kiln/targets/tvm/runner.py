@@ -34,6 +34,10 @@ class TvmRunner(Runner):
         self._dtypes = {i["name"]: np.dtype(i["dtype"]) for i in metadata["inputs"]}
         self._tvm = tvm
         self.device = tvm.cpu()
+        if metadata.get("device") == "cuda":
+            self.device = tvm.cuda(0)
+            if not self.device.exist:
+                raise KilnError(f"{library}: the library runs on a CUDA device, and TVM sees none on this machine")
         try:
             self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         except Exception as e:
@@ -76,7 +80,7 @@ class TvmRunner(Runner):
 
     def _run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         # np.ascontiguousarray would turn a 0-d input into shape [1], which the library refuses.
-        args = [self._tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays]
+        args = [self._tvm.runtime.tensor(np.asarray(a, order="C"), device=self.device) for a in arrays]
         out = self.vm["main"](*args)
         items = [out] if hasattr(out, "numpy") else list(out)
         return [item.numpy() for item in items]

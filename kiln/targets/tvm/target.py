@@ -1,4 +1,5 @@
-"""``tvm-llvm`` and ``tvm-aarch64``: the model compiled by Apache TVM (Relax) into one shared library.
+"""``tvm-llvm`` and ``tvm-aarch64`` (and ``tvm-cuda``, :mod:`kiln.targets.tvm.cuda`): the model compiled by Apache TVM
+(Relax) into one shared library.
 
 Build: :func:`kiln.targets.tvm.lower.prepare` (static shapes, quantized weights to float, folding, op check, all
 before any long work) -> Relax import -> MetaSchedule tuning when ``trials > 0`` (:mod:`kiln.targets.tvm.tune`,
@@ -7,10 +8,10 @@ database reused across compiles) -> tuned schedules plus dlight defaults -> ``tv
 Output directory (beside ``model.onnx``):
 
 * ``model.so``: the Relax VM executable with its kernels and the weights (Relax constants);
-* ``tvm.json``: inputs (name, dtype, compiled shape), output names, the TVM target description, whether larger
-  batches may run in chunks, what was lowered and what tuning did.
+* ``tvm.json``: inputs (name, dtype, compiled shape), output names, the TVM target description, the device kind
+  (``cpu`` or ``cuda``), whether larger batches may run in chunks, what was lowered and what tuning did.
 
-Options (both targets):
+Options (every TVM target):
 
 * ``dims``: values of symbolic dimensions by name (``{batch = 1, seq = 128}``); ``input_shapes``: whole shapes by
   input name (wins over ``dims``). Every symbolic dimension needs a value: TVM compiles static shapes.
@@ -150,12 +151,15 @@ class TvmTarget(Target):
             done, total = relax_build.count_scheduled(scheduled)
             details["scheduled_functions"] = {"scheduled": done, "total": total}
             library = relax_build.compile_module(scheduled, target)
+            if target.kind.name == "cuda":
+                details["cuda_kernels"] = relax_build.cuda_kernels(library)
             library.export_library(str(out_dir / LIBRARY), **self.export_options())
         self.build_host_twin(scheduled, out_dir)
         metadata = {
             "inputs": [{"name": n, "dtype": prepared.dtypes[n], "shape": s} for n, s in prepared.shapes.items()],
             "outputs": prepared.outputs,
             "target": str(target),
+            "device": "cuda" if target.kind.name == "cuda" else "cpu",
             "batch_split": prepared.batch_split,
             "library": LIBRARY,
         }

@@ -1,4 +1,5 @@
-"""ort-cuda: a clear refusal without CUDA, CUDA provider settings, and fp16 conversion with fp32 islands."""
+"""ort-cuda: a clear refusal without CUDA, CUDA provider settings, fp16 conversion with fp32 islands, and on a
+machine with onnxruntime-gpu and a GPU, artifacts that verify and run on the CUDA provider."""
 
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from kiln import testing
 from kiln.errors import KilnError
 from kiln.targets.ort import SessionSettings
 from kiln.targets.ort.fp16 import convert_to_fp16
+from kiln.targets.ort.runner import OrtRunner
 from tests.targets.conftest import rtn_recipe
 
-pytestmark = pytest.mark.skipif(
-    "CUDAExecutionProvider" in ort.get_available_providers(), reason="these tests cover machines without CUDA"
-)
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+without_cuda = pytest.mark.skipif(CUDA, reason="covers machines without CUDA")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu and a CUDA device")
 
 
+@without_cuda
 def test_compile_refuses_before_any_work(mlp_path: Path, tmp_path: Path):
     with pytest.raises(KilnError) as info:
         kiln.compile_model(mlp_path, tmp_path / "out", rtn_recipe("ort-cuda"))
@@ -32,6 +35,7 @@ def test_compile_refuses_before_any_work(mlp_path: Path, tmp_path: Path):
     assert not list(tmp_path.glob("*out*"))
 
 
+@without_cuda
 def test_build_writes_cuda_settings_that_fail_clearly_here(mlp_path: Path, tmp_path: Path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -42,7 +46,7 @@ def test_build_writes_cuda_settings_that_fail_clearly_here(mlp_path: Path, tmp_p
     settings = SessionSettings.read(out_dir)
     assert settings.model == "model.fp16.onnx"
     assert [p.name for p in settings.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert settings.providers[0].options == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert settings.providers[0].options == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
     assert details["fp16"]["fp16_nodes"] > 0
     with pytest.raises(KilnError, match="need execution provider CUDAExecutionProvider"):
         kiln.targets.load(out_dir)
@@ -113,3 +117,20 @@ def test_fp16_of_a_quantized_model(mlp_path: Path, tmp_path: Path):
     want = ort.InferenceSession(str(reference)).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(half)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, atol=5e-3 * np.abs(want).max())
+
+
+@needs_cuda
+@pytest.mark.parametrize("fp16", [False, True])
+def test_compile_verifies_and_runs_on_the_cuda_provider(mlp_path: Path, tmp_path: Path, fp16: bool):
+    out_dir = tmp_path / "out"
+    result = kiln.compile_model(mlp_path, out_dir, rtn_recipe("ort-cuda"), target_options={"fp16": fp16})
+    assert result.verification.passed
+    runner = kiln.targets.load(out_dir)
+    assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    # without graph optimizations: on the CPU, ORT would fuse DequantizeLinear + MatMul into int8-activation MatMulNBits
+    exact = SessionSettings(graph_optimization_level="ORT_DISABLE_ALL")
+    want = OrtRunner.from_path(out_dir / "model.onnx", settings=exact)({"x": x})["y"]
+    got = runner({"x": x})["y"]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=(5e-3 if fp16 else 1e-4) * np.abs(want).max())

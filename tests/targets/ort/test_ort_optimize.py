@@ -13,7 +13,7 @@ from onnx import TensorProto, numpy_helper
 
 import kiln
 from kiln.errors import KilnError
-from kiln.targets.ort import SessionSettings, session
+from kiln.targets.ort import SessionSettings, content, session
 from kiln.targets.ort.optimize import fusion_report, save_optimized
 from tests.targets.conftest import rtn_recipe
 
@@ -122,3 +122,12 @@ def test_qdq_report(tmp_path: Path):
     assert basic["unfused"] == [
         {"reason": "QDQ -> QLinear* fusions run at level 'extended' and above", "nodes": ["dqx", "dqw", "dqm"]}
     ]
+
+
+def test_gpu_builds_list_cpu_kernels_in_a_child_process(monkeypatch: pytest.MonkeyPatch):
+    """onnxruntime-gpu can crash listing kernels, so it is asked in a child; the child's answer is the same list."""
+    in_process = content.cpu_kernels.__wrapped__()
+    assert ("com.microsoft", "MatMulNBits") in in_process and ("", "QLinearMatMul") in in_process
+    gpu_build = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(content.ort, "get_available_providers", lambda: gpu_build)
+    assert content.cpu_kernels.__wrapped__() == in_process
