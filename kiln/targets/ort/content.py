@@ -37,11 +37,13 @@ _LUT_N_MULTIPLE = 128
 
 #: Providers of ONNX Runtime's CPU wheel, whose kernel list is read in-process.
 _CPU_BUILD_PROVIDERS = {"CPUExecutionProvider", "AzureExecutionProvider"}
-_LIST_KERNELS = (
-    "import json; from onnxruntime.capi import _pybind_state as p; "
-    "print(json.dumps(sorted({(d.domain, d.op_name) for d in p.get_all_opkernel_def() "
-    "if d.provider == 'CPUExecutionProvider'})))"
-)
+_LIST_IN_CHILD = "import json, kiln.targets.ort.content as c; print(json.dumps(sorted(c._listed_cpu_kernels())))"
+
+
+def _listed_cpu_kernels() -> frozenset[tuple[str, str]]:
+    return frozenset(
+        (d.domain, d.op_name) for d in _pybind_state.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"
+    )
 
 
 @functools.cache
@@ -54,10 +56,8 @@ def cpu_kernels() -> frozenset[tuple[str, str]] | None:
     fault), so a build with GPU providers is asked in a child process, and a crash there means ``None``.
     """
     if set(ort.get_available_providers()) <= _CPU_BUILD_PROVIDERS:
-        return frozenset(
-            (d.domain, d.op_name) for d in _pybind_state.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"
-        )
-    child = subprocess.run([sys.executable, "-c", _LIST_KERNELS], capture_output=True, text=True, check=False)
+        return _listed_cpu_kernels()
+    child = subprocess.run([sys.executable, "-c", _LIST_IN_CHILD], capture_output=True, text=True, check=False)
     if child.returncode != 0:
         return None
     return frozenset((domain, op) for domain, op in json.loads(child.stdout))

@@ -24,7 +24,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.targets.tvm import relax_build
-from kiln.targets.tvm.target import TvmOptions, TvmTarget
+from kiln.targets.tvm.target import TvmLlvmTarget, TvmOptions
 
 
 @dataclasses.dataclass
@@ -58,11 +58,12 @@ def compiler_problem() -> str:
     return ""
 
 
-class TvmCudaTarget(TvmTarget):
+class TvmCudaTarget(TvmLlvmTarget):
+    """``tvm-llvm``'s target for the host code, with the kernels on the GPU."""
+
     name = "tvm-cuda"
     summary = "Apache TVM (Relax) for an NVIDIA GPU: model.so (CUDA kernels + host code) + tvm.json"
     Options = TvmCudaOptions
-    mtriple = "x86_64-linux-gnu"
 
     def check(self) -> None:
         super().check()
@@ -75,9 +76,6 @@ class TvmCudaTarget(TvmTarget):
                 "(tvm.cuda(0) does not exist)"
             )
 
-    def cpu(self) -> str:
-        return self.options.mcpu or relax_build.host_cpu()
-
     def arch(self) -> str:
         arch = self.options.arch or device_arch()
         if not arch:
@@ -85,5 +83,4 @@ class TvmCudaTarget(TvmTarget):
         return arch
 
     def tvm_target(self) -> Any:
-        host = relax_build.llvm_target(self.mtriple, self.cpu(), self.mattr, self.cores())
-        return relax_build.cuda_target(self.arch(), host)
+        return relax_build.cuda_target(self.arch(), super().tvm_target())
