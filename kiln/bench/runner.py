@@ -128,6 +128,13 @@ class Subject:
         """A readable prefix for cache directories."""
         return f"{self.zoo_name}-{self.variant}" if self.zoo_name else f"{self.path.parent.name}-{self.path.stem}"
 
+    def calibration_for(self, recipe: recipes.Recipe, options: BenchOptions) -> list[Feed]:
+        """The recipe's own number of the zoo's calibration feeds (``[calibration] samples``) in full runs without
+        ``calib_limit``; otherwise the subject's common set (which the calibrated baselines use too)."""
+        if self.zoo_name is None or recipe.calibration_samples is None or options.quick or options.calib_limit:
+            return self.calib_feeds
+        return zoo.get(self.zoo_name).calibration_feeds(self.variant, recipe.calibration_samples, at_most=True)
+
     @property
     def latency_feed(self) -> Feed:
         """The first evaluation feed cut to batch 1."""
@@ -346,6 +353,7 @@ class _Budget:
 
 def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOptions, budget: _Budget) -> Path:
     """Compile (or reuse) ``recipe`` on the subject; out-of-tolerance results are kept, the table shows them."""
+    calib_feeds = subject.calibration_for(recipe, options) if recipe.needs_calibration else None
     key = cache.digest(
         cache.model_fingerprint(subject.path),
         repr(recipe.passes),
@@ -355,7 +363,7 @@ def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOption
         cache.kiln_fingerprint(
             (registry.get(step.name).__module__ for step in recipe.passes), type(targets.get(recipe.target)).__module__
         ),
-        cache.feeds_digest(subject.calib_feeds) if recipe.needs_calibration else None,
+        cache.feeds_digest(calib_feeds) if calib_feeds is not None else None,
     )
     out_dir = cache.bench_root() / "kiln" / f"{subject.slug}-{recipe.name}-{recipe.target}-{key}"
     if not (out_dir / "report.json").is_file():
@@ -365,7 +373,7 @@ def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOption
                 subject.path,
                 out_dir,
                 recipe,
-                calibration=CalibrationData(subject.calib_feeds, name="bench") if recipe.needs_calibration else None,
+                calibration=CalibrationData(calib_feeds, name="bench") if calib_feeds is not None else None,
                 overwrite=True,
                 accept_out_of_tolerance=True,
                 verify_limit=1 if options.quick else None,
@@ -398,11 +406,14 @@ def _kiln_entries(
                 skipped.append({"name": label, "reason": "no pass changed the model: nothing in it that they apply to"})
                 continue
             settings += [s for step in variant.passes if (s := baselines.weight_only_settings(step.options))]
+            description = recipe.description
+            if recipe.needs_calibration:
+                description += f"; {len(subject.calibration_for(recipe, options))} calibration feeds"
             entries.append(
                 _Entry(
                     name=f"kiln {label}",
                     kind="kiln",
-                    description=recipe.description,
+                    description=description,
                     model_file=_artifact(out_dir),
                     open=lambda d=out_dir: _compiled_runner(d, options.threads),
                     tolerance=variant.tolerance,

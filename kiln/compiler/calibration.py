@@ -238,12 +238,19 @@ class CalibrationData:
         return cls(feeds, name="images", limit=limit)
 
     @classmethod
-    def from_zoo(cls, name: str, variant: str = "full", *, limit: int | None = None) -> CalibrationData:
-        """A zoo model's own calibration set (a different text or photo set from its verification set)."""
+    def from_zoo(
+        cls, name: str, variant: str = "full", *, limit: int | None = None, at_most: bool = False
+    ) -> CalibrationData:
+        """A zoo model's own calibration set (a different text or photo set from its verification set).
+
+        ``limit`` feeds (the zoo's default when None); with ``at_most``, all the stored ones when there are fewer.
+        """
         from kiln import zoo
 
         model = zoo.get(name)
-        return cls(lambda: model.calibration_feeds(variant, limit=limit), name=f"zoo:{name}", limit=limit)
+        return cls(
+            lambda: model.calibration_feeds(variant, limit=limit, at_most=at_most), name=f"zoo:{name}", limit=limit
+        )
 
     # -- checks and statistics ------------------------------------------------------------------------------------
 

@@ -123,7 +123,9 @@ def compile_model(
     if calibration is None and recipe.needs_calibration:
         if identity is None:
             raise CalibrationError(f"recipe {recipe.name!r} needs calibration data; pass --calib")
-        calibration = CalibrationData.from_zoo(identity[0].name, identity[1])
+        calibration = CalibrationData.from_zoo(
+            identity[0].name, identity[1], limit=recipe.calibration_samples, at_most=True
+        )
     if calibration is not None:
         calibration.validate(ir_model)
 
@@ -173,6 +175,7 @@ def compile_model(
             verification,
             accept_out_of_tolerance,
             start,
+            calibration,
         )
         report["target"] = {"name": target.name, **target_details}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
@@ -295,6 +298,7 @@ def _report(
     verification: VerificationReport,
     accepted: bool,
     start: float,
+    calibration: CalibrationData | None,
 ) -> dict[str, Any]:
     return {
         "kiln_version": kiln.__version__,
@@ -305,6 +309,7 @@ def _report(
             "after_bytes": size_after,
             "ratio": size_before / size_after if size_after else None,
         },
+        "calibration": None if calibration is None else {"data": calibration.name, "limit": calibration.limit},
         "passes": [r.to_dict() for r in records],
         "verification": verification.to_dict(),
         "tolerance": dataclasses.asdict(recipe.tolerance),

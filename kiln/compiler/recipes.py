@@ -14,6 +14,9 @@ A recipe file looks like::
     max_metric_loss = 0.01
     metric_loss = { perplexity = 0.01 }
 
+    [calibration]
+    samples = 128                 # calibration feeds to draw when kiln supplies the data (a zoo model)
+
 Built-in recipes ship in ``kiln/recipes/``; a user's own file works the same way. Everything is validated when the
 recipe is loaded (unknown keys, pass names, options and wrong types are errors), before any model is touched.
 TOML is data only: loading a recipe never executes code from it.
@@ -35,7 +38,8 @@ from kiln.compiler.verify import Tolerance
 from kiln.errors import KilnError, RecipeError
 from kiln.passes._base import KilnPass, PassContext
 
-_TOP_KEYS = {"description", "target", "passes", "verify"}
+_TOP_KEYS = {"description", "target", "passes", "verify", "calibration"}
+_CALIBRATION_KEYS = {"samples"}
 _PASS_KEYS = {"name", "options"}
 _VERIFY_KEYS = {"min_output_cosine", "max_metric_loss", "metric_loss"}
 #: A recipe is a few lines of TOML; anything this large is not one, and is refused before it is read.
@@ -63,6 +67,10 @@ class Recipe:
     target: str = "ort-cpu"
     target_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tolerance: Tolerance = dataclasses.field(default_factory=Tolerance)
+    #: How many feeds of a zoo model's own calibration set the recipe draws (None: the zoo's default, 8 windows
+    #: for SmolLM2). Error-compensating quantizers estimate a Hessian per layer and gain from more text; data a
+    #: user passes is used as given.
+    calibration_samples: int | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -163,6 +171,11 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
         },
     )
     _check_tolerance(tolerance, source)
+    calibration = _expect(data.get("calibration", {}), dict, f"{source}: 'calibration'")
+    _unknown(set(calibration), _CALIBRATION_KEYS, f"{source}: [calibration]")
+    samples = calibration.get("samples")
+    if samples is not None and _expect(samples, int, f"{source}: [calibration] samples") < 1:
+        raise RecipeError(f"{source}: [calibration] samples must be at least 1, got {samples}")
     return Recipe(
         name=name,
         description=description,
@@ -170,6 +183,7 @@ def parse(text: str, *, name: str, source: str = "recipe") -> Recipe:
         target=target,
         target_options=target_options,
         tolerance=tolerance,
+        calibration_samples=samples,
     )
 
 

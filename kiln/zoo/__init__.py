@@ -60,16 +60,21 @@ class ZooModel:
         """``limit`` evaluation batches (default: sized for one compile's verification); exports if not cached."""
         return self._feeds(variant, "verification", limit)
 
-    def calibration_feeds(self, variant: str = "full", limit: int | None = None) -> list[Feed]:
-        """``limit`` calibration batches, drawn from other text or other image crops than verification."""
-        return self._feeds(variant, "calibration", limit)
+    def calibration_feeds(
+        self, variant: str = "full", limit: int | None = None, *, at_most: bool = False
+    ) -> list[Feed]:
+        """``limit`` calibration batches, drawn from other text or other image crops than verification.
+
+        With ``at_most``, fewer than ``limit`` is not an error: every stored batch is returned.
+        """
+        return self._feeds(variant, "calibration", limit, at_most=at_most)
 
     def _source(self, variant: str) -> ModuleType:
         if variant not in self.variants:
             raise KilnError(f"zoo model {self.name} has no variant {variant!r}; it has {', '.join(self.variants)}")
         return _SOURCES[self.name]
 
-    def _feeds(self, variant: str, purpose: str, limit: int | None) -> list[Feed]:
+    def _feeds(self, variant: str, purpose: str, limit: int | None, *, at_most: bool = False) -> list[Feed]:
         source = self._source(variant)
         wanted = source.DEFAULT_LIMITS[variant][_PURPOSES.index(purpose)] if limit is None else limit
         if wanted < 1:
@@ -77,7 +82,7 @@ class ZooModel:
         directory = export(self.name, variant).parent
         with np.load(directory / f"{purpose}.npz") as arrays:
             feeds = source.feeds(variant, arrays, wanted)
-        if len(feeds) < wanted:
+        if len(feeds) < wanted and not at_most:
             raise KilnError(f"{self.name} ({variant}) has {len(feeds)} {purpose} feeds, {wanted} were requested")
         return feeds
 

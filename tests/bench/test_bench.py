@@ -20,7 +20,8 @@ from kiln import testing
 from kiln.bench import bandwidth, kernels
 from kiln.bench.baselines import Baseline, WeightOnly, expand
 from kiln.bench.plots import pareto_front
-from kiln.bench.runner import ROW_KEYS, BenchOptions, run_bench
+from kiln.bench.runner import ROW_KEYS, BenchOptions, resolve, run_bench
+from kiln.compiler import recipes
 from kiln.compiler.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,6 +101,20 @@ def test_spent_build_budget_lists_variants_as_not_built(mlp_path: Path):
     cached = run_bench(mlp_path, options)  # cached variants need no budget
     assert [row.name for row in cached.rows] == names
     assert "kiln rtn-w4" in names
+
+
+def test_recipe_calibration_size_in_full_runs_only(minilm_path: Path):
+    """A recipe's ``[calibration] samples`` is honoured in full runs; quick runs and --calib-limit keep the common
+    set that the calibrated baselines get too."""
+    text = '[[passes]]\nname = "quantize.gptq"\n[calibration]\nsamples = 20\n'
+    asking, plain = recipes.parse(text, name="asking"), recipes.load("gptq-w4")
+    full = resolve("minilm-l6", BenchOptions())
+    assert len(full.calib_feeds) == 8
+    assert len(full.calibration_for(asking, BenchOptions())) == 20
+    assert full.calibration_for(plain, BenchOptions()) is full.calib_feeds
+    assert full.calibration_for(asking, BenchOptions(calib_limit=3)) is full.calib_feeds
+    quick = resolve("minilm-l6", BenchOptions(quick=True))
+    assert quick.calibration_for(asking, BenchOptions(quick=True)) is quick.calib_feeds
 
 
 def test_unknown_baseline_is_one_error_line(capsys, mlp_path: Path):

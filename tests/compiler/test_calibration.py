@@ -93,3 +93,22 @@ def test_text_windows():
     assert windows[0].dtype == np.int64
     with pytest.raises(CalibrationError, match="fewer than one window"):
         CalibrationData.from_text("a b", lambda t: [1, 2], seq_len=3)
+
+
+def test_recipe_draws_its_own_number_of_zoo_feeds(minilm_path: Path, tmp_path: Path):
+    """``[calibration] samples`` sets how much of the zoo's calibration set a compile uses; asking for more than
+    is stored (MiniLM has 32 batches) takes all of it instead of failing."""
+    from kiln import compile_model
+    from kiln.compiler import recipes
+
+    for samples, feeds in ((2, 2), (1000, 32)):
+        recipe = recipes.parse(
+            '[[passes]]\nname = "quantize.static-int8"\noptions = { check_fusion = false }\n'
+            f"[calibration]\nsamples = {samples}\n",
+            name=f"static-{samples}",
+        )
+        assert recipe.calibration_samples == samples
+        result = compile_model(minilm_path, tmp_path / str(samples), recipe, verify_limit=1)
+        assert result.report["calibration"] == {"data": "zoo:minilm-l6", "limit": samples}
+        used = CalibrationData.from_zoo("minilm-l6", limit=samples, at_most=True)
+        assert sum(1 for _ in used) == feeds

@@ -42,6 +42,9 @@ def test_user_recipe_file(tmp_path: Path):
     assert recipe.tolerance.min_output_cosine == 0.999
     assert recipe.tolerance.metric_limit("perplexity") == 0.1
     assert recipe.tolerance.metric_limit("top1_agreement") == 0.02
+    assert recipe.calibration_samples is None
+    path.write_text(GOOD + "[calibration]\nsamples = 64\n")
+    assert recipes.load(path).calibration_samples == 64
 
 
 @pytest.mark.parametrize(
@@ -63,6 +66,9 @@ def test_user_recipe_file(tmp_path: Path):
         ('[[passes]]\nname = "cleanup.identity"\n[verify]\nmin_output_cosine = "high"', "min_output_cosine"),
         ('[[passes]]\nname = "cleanup.identity"\n[verify]\nslack = 1', "unknown key 'slack'"),
         ("passes = 3", "'passes' must be list"),
+        ('[[passes]]\nname = "cleanup.identity"\n[calibration]\nsamples = 0', "samples must be at least 1"),
+        ('[[passes]]\nname = "cleanup.identity"\n[calibration]\nsamples = "all"', "samples must be int"),
+        ('[[passes]]\nname = "cleanup.identity"\n[calibration]\nwindows = 8', "unknown key 'windows'"),
         ("[[passes]\nname=", "invalid TOML"),
     ],
 )

@@ -86,6 +86,7 @@ def test_default_feed_counts_and_limits(minilm_path: Path, efficientnet_path: Pa
         zoo.get("minilm-l6").verification_feeds(limit=0)
     with pytest.raises(KilnError, match="requested"):
         zoo.get("minilm-l6").calibration_feeds(limit=10_000)
+    assert len(zoo.get("minilm-l6").calibration_feeds(limit=10_000, at_most=True)) == 32
 
 
 def test_efficientnet_classifies_photos(efficientnet_path: Path) -> None:
