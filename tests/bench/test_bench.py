@@ -107,7 +107,7 @@ def test_recipe_calibration_size_in_full_runs_only(minilm_path: Path):
     """A recipe's ``[calibration] samples`` is honoured in full runs; quick runs and --calib-limit keep the common
     set that the calibrated baselines get too."""
     text = '[[passes]]\nname = "quantize.gptq"\n[calibration]\nsamples = 20\n'
-    asking, plain = recipes.parse(text, name="asking"), recipes.load("gptq-w4")
+    asking, plain = recipes.parse(text, name="asking"), recipes.load("int8-static")
     full = resolve("minilm-l6", BenchOptions())
     assert len(full.calib_feeds) == 8
     assert len(full.calibration_for(asking, BenchOptions())) == 20

@@ -162,7 +162,8 @@ def _section(spec: str, result: BenchResult | str, plot: Path | None, out_dir: P
     p = result.protocol
     feed = _feed_text(p["latency_feed"])
     parts = [
-        title + f"Accuracy: {p['data']}. Calibration: {p['calibration_feeds']} feeds. Latency feed: {feed}; "
+        title + f"Accuracy: {p['data']}. Calibration: {p['calibration_feeds']} feeds (recipes may ask for more). "
+        f"Latency feed: {feed}; "
         f"{p['repeats']} interleaved rounds after warm-up ({p['warmup_rounds']}), {p['threads']} threads. "
         f"Measured in {p['seconds']} s. The {report.noise_text(result)}.",
         report.result_markdown(result),
@@ -200,8 +201,10 @@ PROTOCOL_TEXT = """\
   reference, and the zoo's task metric is computed from them (`kiln.compiler.metrics`: perplexity, embedding
   cosine, top-1 agreement). "vs fp32" is the relative change of the metric; "tolerance" applies the recipe's own
   `[verify]` limits to the benchmark's metric.
-- **Same calibration data.** Calibrating kiln recipes and the calibrated baselines (`ort-static`, `ort-gptq`) get
-  the same calibration feeds (Sense and Sensibility, or other photo crops), never the evaluation data.
+- **Calibration data.** Calibrating kiln recipes and the calibrated baselines (`ort-static`, `ort-gptq`) get the
+  same calibration feeds (Sense and Sensibility, or other photo crops), never the evaluation data; the count is in
+  each table's header. A recipe with its own `[calibration] samples` (gptq-w4, gptq-w3, awq-w4 and mixed-3.5: 128 windows) draws
+  that many feeds from the same set, capped by what the set holds; the variant list gives each recipe's count.
 - **Bytes** are the model file plus its external data on disk.
 - **Caching.** Compiled variants live in `<kiln cache>/bench/kiln`, keyed by the model file, the recipe, the
   calibration data and kiln (its version plus a digest of its compiler, pass, recipe and target sources);
