@@ -69,18 +69,22 @@ def _parse_target_options(items: Sequence[str] | None) -> dict[str, Any]:
     return options
 
 
-def _calibration(spec: str | None, tokenizer: str | None):
-    """--calib: FILE.npz, text:FILE (with --tokenizer tokenizer.json), images:DIR, or zoo:NAME[/VARIANT]."""
+def _calibration(spec: str | None, tokenizer: str | None, cap: int | None, zoo_samples: int | None):
+    """--calib: FILE.npz, text:FILE (with --tokenizer tokenizer.json), images:DIR, or zoo:NAME[/VARIANT].
+
+    A user's file gives all its feeds, or ``cap`` (--calib-samples); a zoo set gives ``zoo_samples`` (the recipe's
+    ``[calibration] samples`` unless --calib-samples says otherwise) when it holds that many, as with no --calib.
+    """
     from kiln.compiler.calibration import CalibrationData
 
     if spec is None:
         return None
     kind, sep, rest = spec.partition(":")
     if not sep:
-        return CalibrationData.from_npz(spec)
+        return CalibrationData.from_npz(spec, limit=cap)
     if kind == "zoo":
         name, _, variant = rest.partition("/")
-        return CalibrationData.from_zoo(name, variant or "full")
+        return CalibrationData.from_zoo(name, variant or "full", limit=zoo_samples, at_most=True)
     if kind == "text":
         if tokenizer is None:
             raise KilnError("--calib text:FILE needs --tokenizer TOKENIZER.json")
@@ -90,13 +94,13 @@ def _calibration(spec: str | None, tokenizer: str | None):
         if not path.is_file():
             raise KilnError(f"{path}: calibration text not found")
         tok = Tokenizer.from_file(tokenizer)
-        return CalibrationData.from_text(path.read_text(encoding="utf-8"), lambda t: tok.encode(t).ids)
+        return CalibrationData.from_text(path.read_text(encoding="utf-8"), lambda t: tok.encode(t).ids, limit=cap)
     if kind == "images":
         folder = Path(rest)
         files = sorted(p for p in folder.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})
         if not files:
             raise KilnError(f"{folder}: no .jpg/.png images for calibration")
-        return CalibrationData.from_images(files)
+        return CalibrationData.from_images(files, limit=cap)
     raise KilnError(f"--calib {spec!r}: expected FILE.npz, text:FILE, images:DIR or zoo:NAME")
 
 
@@ -158,7 +162,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.target and args.target != recipe.target:
         # The recipe's target options belong to its own target.
         recipe = dataclasses.replace(recipe, target=targets.get(args.target).name, target_options={})
-    calibration = _calibration(args.calib, args.tokenizer)
+    if args.calib_samples is not None:
+        if args.calib_samples < 1:
+            raise KilnError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+        recipe = dataclasses.replace(recipe, calibration_samples=args.calib_samples)
+    calibration = _calibration(args.calib, args.tokenizer, args.calib_samples, recipe.calibration_samples)
 
     def progress(record) -> None:
         if not args.json:
@@ -203,7 +211,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.database:
         options.append(f'database="{args.database}"')
     args.target_option = options + (args.target_option or [])
-    args.calib = args.tokenizer = args.input_shape = None
+    args.calib = args.tokenizer = args.input_shape = args.calib_samples = None
     args.accept_out_of_tolerance = False
     logging.getLogger("kiln").setLevel(logging.INFO)
     return cmd_compile(args)
@@ -467,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-option", action="append", help="a target option KEY=VALUE (e.g. optimize=extended)")
     p.add_argument("--calib", help="calibration data: FILE.npz, text:FILE, images:DIR or zoo:NAME[/VARIANT]")
     p.add_argument("--tokenizer", help="tokenizer.json for --calib text:FILE")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        help="calibration feeds to use (default: all of a --calib file; of a zoo set, the recipe's samples or the "
+        "zoo's default)",
+    )
     p.add_argument("--input-shape", action="append", help="fix an input's shape for random verification data")
     p.add_argument("--verify-limit", type=int, help="number of verification batches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

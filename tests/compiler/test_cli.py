@@ -144,6 +144,19 @@ def test_calibration_that_does_not_fit(capsys, model_path: Path, tmp_path: Path)
     expect_user_error(capsys, argv, "size 31 on axis 1, the model expects 32", out)
 
 
+def test_calib_samples_caps_the_calibration_data(capsys, model_path: Path, tmp_path: Path):
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = ["compile", model_path, "-o", out, "--recipe", "int8-static", "--calib", tmp_path / "c.npz"]
+    expect_user_error(capsys, [*argv, "--calib-samples", "0"], "--calib-samples must be at least 1", out)
+    code, stdout, err = run_cli(capsys, *argv, "--calib-samples", "2", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["calibration"] == {"data": str(tmp_path / "c.npz"), "limit": 2}
+    code, stdout, err = run_cli(capsys, *argv, "--overwrite", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["calibration"]["limit"] is None  # a user's file is used whole
+
+
 def test_inspect(capsys, model_path: Path):
     code, out, _ = run_cli(capsys, "inspect", model_path, "--json")
     assert code == 0
