@@ -351,9 +351,10 @@ class _Budget:
             raise KilnError(f"not built in this run: its build budget was spent before {what} (not cached)")
 
 
-def _compiled_dir(subject: Subject, recipe: recipes.Recipe, options: BenchOptions, budget: _Budget) -> Path:
+def _compiled_dir(
+    subject: Subject, recipe: recipes.Recipe, options: BenchOptions, budget: _Budget, calib_feeds: list[Feed] | None
+) -> Path:
     """Compile (or reuse) ``recipe`` on the subject; out-of-tolerance results are kept, the table shows them."""
-    calib_feeds = subject.calibration_for(recipe, options) if recipe.needs_calibration else None
     key = cache.digest(
         cache.model_fingerprint(subject.path),
         repr(recipe.passes),
@@ -391,12 +392,13 @@ def _kiln_entries(
 ) -> tuple[list[_Entry], list[baselines.WeightOnly], list[dict[str, str]]]:
     entries, settings, skipped = [], [], []
     for recipe in chosen:
+        calib_feeds = subject.calibration_for(recipe, options) if recipe.needs_calibration else None
         for target in options.targets or [recipe.target]:
             label = recipe.name if target == recipe.target and not options.targets else f"{recipe.name} @{target}"
             try:
                 variant = dataclasses.replace(recipe, target=targets.get(target).name)
                 with _status(progress, f"compiling {label}"):
-                    out_dir = _compiled_dir(subject, variant, options, budget)
+                    out_dir = _compiled_dir(subject, variant, options, budget, calib_feeds)
             except KilnError as e:
                 skipped.append({"name": label, "reason": str(e)})
                 continue
@@ -407,8 +409,8 @@ def _kiln_entries(
                 continue
             settings += [s for step in variant.passes if (s := baselines.weight_only_settings(step.options))]
             description = recipe.description
-            if recipe.needs_calibration:
-                description += f"; {len(subject.calibration_for(recipe, options))} calibration feeds"
+            if calib_feeds is not None:
+                description += f"; {len(calib_feeds)} calibration feeds"
             entries.append(
                 _Entry(
                     name=f"kiln {label}",
