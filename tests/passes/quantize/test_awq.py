@@ -115,6 +115,17 @@ def test_scales_follow_the_formula() -> None:
     np.testing.assert_array_equal(awq.awq_scales(m, 0.0), np.ones(4))
 
 
+def test_duo_scales_follow_the_formula() -> None:
+    w = np.array([[1.0, -4.0], [2.0, 2.0], [-3.0, 1.0], [1.0, 1.0]])
+    # Groups of 2 rows: column maxima 2, 4 (rows 0-1) and 3, 1 (rows 2-3).
+    expected = np.array([(1 / 2 + 4 / 4) / 2, (2 / 2 + 2 / 4) / 2, (3 / 3 + 1 / 1) / 2, (1 / 3 + 1 / 1) / 2])
+    np.testing.assert_allclose(awq.relative_weight_mean(w, 2), expected)
+    np.testing.assert_allclose(awq.relative_weight_mean(w, 0), (np.abs(w) / [3, 4]).mean(axis=1))  # per channel
+    m = np.array([0.5, 2.0, 8.0, 1.0])
+    raw = m**0.25 / (expected**0.75 + 1e-4)
+    np.testing.assert_allclose(awq.awq_scales(m, 0.25, expected), raw / np.sqrt(raw.max() * raw.min()))
+
+
 def _nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
     return {node.name: node for node in model.graph}
 
@@ -208,6 +219,31 @@ def test_gptq_on_the_scaled_weights() -> None:
         measured = _errors(model, feeds)
         assert layers["o_proj"]["output_rel_error"] == pytest.approx(measured["o"], rel=1e-3)
     assert errors["gptq"] < errors["rtn"]
+
+
+def test_duo_scaling_beats_rtn() -> None:
+    feeds = _feeds()
+    rtn = _block()
+    _quantize(rtn, "quantize.rtn", feeds, bits=3)
+    duo = _block()
+    layers = _quantize(duo, "quantize.awq", feeds, bits=3, clip=False, duo_scaling=True).details["layers"]
+    assert 0 <= layers["q_proj"]["alpha"] < 1
+    assert layers["q_proj"]["search_error_vs_rtn"] < 1
+    errors = {"rtn": _errors(rtn, feeds), "duo": _errors(duo, feeds)}
+    for output in ("q", "k", "v", "o"):
+        assert errors["duo"][output] < errors["rtn"][output]
+
+
+def test_nothing_folded_when_rtn_wins() -> None:
+    """With one grid point and no duo scaling the only candidate is alpha 0, RTN itself: the graph keeps its scales."""
+    model = _block()
+    layers = _quantize(model, "quantize.awq", _feeds(2), grid_points=1).details["layers"]
+    assert {layers[name]["fold"] for name in ("q_proj", "down_proj", "o_proj")} == {
+        "not scaled (no scale beat RTN's on the calibration data)"
+    }
+    gamma = _block().graph.initializers["gamma"].const_value.numpy()
+    np.testing.assert_array_equal(_nodes_by_name(model)["norm"].inputs[1].const_value.numpy(), gamma)
+    assert not any(node.op_type == "Mul" and node.inputs[0].name == "r" for node in model.graph)
 
 
 def test_without_insert_mul_unfoldable_inputs_keep_scale_one() -> None:
