@@ -193,3 +193,21 @@ def test_bias_correction_removes_the_mean_output_error(name: str, fmt: str, gemm
 def test_bad_options(options: dict[str, object], message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         registry.make_options("quantize.mixed", options)
+
+
+def test_accuracy_level_4_runs_every_width_with_int8_activations() -> None:
+    """The mixed-3.5 recipe's setting: 2- and 8-bit layers at level 4 (ONNX Runtime's fast path for those widths at
+    any shape) compute what level 0 computes, up to the int8 rounding of the activations."""
+    sizes = [128, 256, 128, 64, 64]
+    feeds = _feeds(128)
+    model = kiln.testing.mlp(sizes, seed=2)
+    options = {"candidate_bits": [2, 8], "average_bits": 5.0, "group_size": 32, "accuracy_level": 4}
+    layers = _quantize(model, "quantize.mixed", feeds, **options).details["layers"]
+    assert {layer["bits"] for layer in layers.values()} == {2, 8}
+    nodes = [node for node in model.graph if node.op_type == "MatMulNBits"]
+    assert len(nodes) == 4 and all(node.attributes.get_int("accuracy_level") == 4 for node in nodes)
+    (level4,) = _run(model, feeds[:1])
+    for node in nodes:
+        node.attributes.pop("accuracy_level")
+    (level0,) = _run(model, feeds[:1])
+    assert np.linalg.norm(level4 - level0) / np.linalg.norm(level0) < 0.02
