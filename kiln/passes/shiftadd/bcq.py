@@ -23,9 +23,10 @@ calibration statistics and are skipped, with the reason in ``details["skipped"]`
 float for its Gather, as in ``quantize.rtn``.
 
 Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens,
-LM head included): perplexity 44.34 at 3 planes in groups of 128 (49.41 without act-order, 42.34 in groups of 64)
-and 291.1 at 2 planes, where the float model scores 24.22 and kiln's GPTQ (groups of 128) 35.65 at 3 bits and 175.3
-at 2. Power-of-two scales cost more than binary coding gains on this model (see :mod:`kiln.passes.shiftadd.fit`).
+LM head included): perplexity 43.39 at 3 planes in groups of 128 (44.33 without the refit, 49.41 without act-order,
+42.34 in groups of 64 without the refit) and 289.8 at 2 planes, where the float model scores 24.22 and kiln's GPTQ
+(groups of 128) 35.65 at 3 bits and 175.3 at 2; the refit doubles the fitting time (105 -> 189 s at 3 planes).
+Power-of-two scales cost more than binary coding gains on this model (see :mod:`kiln.passes.shiftadd.fit`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class BCQOptions:
     * ``iterations``: alternating sign/scale rounds per group.
     * ``compensate``: GPTQ-style error compensation across rows; ``damp``: its Hessian damping.
     * ``act_order``: compensate rows by decreasing activation energy, with group exponents fitted beforehand.
+    * ``refits``: with ``act_order``, further sweeps that refit the exponents on the rows as compensated.
     * ``op_types``, ``min_elements``, ``exclude``, ``quantize_lm_head``: which nodes, as in ``quantize.rtn``.
     * ``stats_memory_mb``: memory for Grams while collecting statistics.
     """
@@ -77,6 +79,7 @@ class BCQOptions:
     iterations: int = 4
     compensate: bool = True
     act_order: bool = True
+    refits: int = 1
     damp: float = 0.01
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     min_elements: int = 4096
@@ -99,6 +102,8 @@ class BCQOptions:
                 )
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.refits < 0:
+            raise ValueError(f"refits must be >= 0, got {self.refits}")
         if not self.damp > 0:
             raise ValueError(f"damp must be positive, got {self.damp}")
         if self.sensitivity_batches < 1:
@@ -178,6 +183,7 @@ class ShiftAddBCQ(KilnPass):
             iterations=opts.iterations,
             compensate=opts.compensate,
             act_order=opts.act_order,
+            refits=opts.refits,
         )
         starts = list(itertools.accumulate([w.shape[1] for w in weights], initial=0))
         return [fitted.columns(slice(a, b)) for a, b in itertools.pairwise(starts)]

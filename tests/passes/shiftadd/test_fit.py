@@ -92,3 +92,20 @@ def test_act_order_is_no_worse_with_outlier_channels() -> None:
     natural = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64))
     ordered = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64, act_order=True))
     assert ordered < 1.02 * natural
+
+
+def test_refit_on_compensated_rows_lowers_output_error() -> None:
+    """Static groups are fitted on the original weight; a second sweep refits them on the rows as compensation
+    left them, which is what gets quantized. Compensation moves rows most when inputs are strongly correlated
+    (here: a rank-8 shared component) and weights heavy-tailed; on SmolLM2's block-0 down_proj (3 planes, groups of
+    128) the relative output error fell from 0.0685 to 0.0604."""
+    rng = np.random.default_rng(0)
+    k, n, rows = 256, 64, 2048
+    w = (rng.standard_t(3, (k, n)) / np.sqrt(k)).astype(np.float32)
+    x = rng.standard_normal((rows, k)) * rng.uniform(0.2, 3.0, k)
+    x += 2 * rng.standard_normal((rows, 8)) @ rng.standard_normal((8, k))
+    hessian = x.T @ x / rows
+    once = fit.bcq_gptq(w, hessian, 2, 64, act_order=True)
+    refit = fit.bcq_gptq(w, hessian, 2, 64, act_order=True, refits=1)
+    assert not np.array_equal(once.exponents, refit.exponents)
+    assert _output_error(w, hessian, refit) < 0.99 * _output_error(w, hessian, once)
