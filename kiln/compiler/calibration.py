@@ -359,14 +359,61 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 def _save_with_outputs(model: ir.Model, extra: Sequence[ir.Value], directory: Path) -> Path:
-    """Save ``model`` with ``extra`` values appended as graph outputs, leaving ``model`` as it was."""
+    """Save the part of ``model`` that computes ``extra``, with ``extra`` as its outputs, leaving ``model`` as it was.
+
+    ONNX Runtime runs every node of a graph whatever outputs a call asks for, so the nodes ``extra`` does not depend
+    on are left out of the saved copy: statistics of early tensors (a staged GPTQ's first stages) cost a fraction of
+    a full pass, and no pass pays for a language model's LM head.
+    """
     from kiln.compiler.io import save
 
     graph = model.graph
-    added = [v for v in extra if v not in graph.outputs]
-    graph.outputs.extend(added)
+    order = list(graph)
+    needed = _producers_of(extra)
+    dropped = [node for node in order if node not in needed]
+    outputs = list(graph.outputs)
+    graph.outputs.clear()
+    graph.outputs.extend(dict.fromkeys(extra))
+    graph.remove(dropped)
     try:
         return save(model, directory / "calibration.onnx")
     finally:
-        for value in added:
-            graph.outputs.remove(value)
+        # Back in the original order: each dropped node goes after its predecessor there.
+        present = set(graph)
+        previous: ir.Node | None = None
+        for node in order:
+            if node not in present:
+                if previous is not None:
+                    graph.insert_after(previous, node)
+                elif len(graph):
+                    graph.insert_before(next(iter(graph)), node)
+                else:
+                    graph.append(node)
+            previous = node
+        graph.outputs.clear()
+        graph.outputs.extend(outputs)
+
+
+def _producers_of(values: Iterable[ir.Value]) -> set[ir.Node]:
+    """The main-graph nodes that ``values`` depend on, through subgraph bodies' outer-scope references too."""
+    needed: set[ir.Node] = set()
+    stack = [v.producer() for v in values]
+    while stack:
+        node = stack.pop()
+        if node is None or node in needed:
+            continue
+        needed.add(node)
+        inputs = list(node.inputs)
+        for attr in node.attributes.values():
+            for subgraph in _subgraphs(attr):
+                inputs += [v for inner in ir.traversal.RecursiveGraphIterator(subgraph) for v in inner.inputs]
+        stack += [v.producer() for v in inputs if v is not None]
+    return needed
+
+
+def _subgraphs(attr: ir.Attr) -> list[ir.Graph]:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.as_graph()]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.as_graphs())
+    return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from kiln import CalibrationData, testing
@@ -34,6 +35,28 @@ def test_statistics_match_numpy():
     assert gram.count == 15
     # The model is left as it was: no extra outputs.
     assert [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_only_what_the_statistics_need_runs_and_the_model_is_restored():
+    """A node downstream of the collected tensor would fail at run time (Reshape of 5 x 4 values to 7 rows); the
+    collection must not run it, and must leave the graph exactly as it was."""
+    model = testing.mlp([8, 16, 4])
+    y = model.graph.outputs[0]
+    shape = ir.Value(name="bad_shape", const_value=ir.tensor(np.array([7, -1], dtype=np.int64)))
+    model.graph.register_initializer(shape)
+    reshape = ir.node("Reshape", [y, shape], name="bad_reshape")
+    reshape.outputs[0].name = "z"
+    model.graph.append(reshape)
+    model.graph.outputs.append(reshape.outputs[0])
+    before = [node.name for node in model.graph]
+    feeds = [{"x": np.ones((5, 8), np.float32)}]
+    stats = {"h2": [MinMax()]}
+    CalibrationData(feeds).collect(model, stats)
+    assert stats["h2"][0].max == pytest.approx(hidden(model, feeds[0]["x"]).max(), rel=1e-5)
+    assert [node.name for node in model.graph] == before
+    assert [v.name for v in model.graph.outputs] == ["y", "z"]
+    with pytest.raises(Exception, match="bad_reshape"):  # the full graph does fail: the test is real
+        CalibrationData(feeds).collect(model, {"z": [MinMax()]})
 
 
 def test_histogram_counts_every_value():
