@@ -247,6 +247,8 @@ class AWQOptions(GPTQOptions):
         super().__post_init__()
         if self.grid_points < 1:
             raise ValueError(f"grid_points must be >= 1, got {self.grid_points}")
+        if self.stages != 1:
+            raise ValueError(f"stages must be 1 here, got {self.stages}: it needs every layer's statistics first")
 
 
 @register("quantize.awq")

@@ -11,6 +11,15 @@ which every calibrated pass reports per layer as ``output_rel_error = sqrt(tr(D^
 pass over the calibration data per chunk) and spilled to a temporary directory as float32, so memory holds one chunk
 while collecting and one layer group's Gram while quantizing.
 
+Stages (``stages``). Statistics collected in one go describe the float model's activations, but a quantized model
+feeds its later layers slightly different ones. With ``stages = S`` the layer groups are split, in graph order, into
+S stages, and a stage's statistics are collected once the stages before it have been rewritten (ONNX Runtime runs
+their quantized kernels), so GPTQ compensates for the inputs later layers really receive: the reference
+implementation's sequential order, at stage granularity. Calibration runs only the nodes the requested tensors depend
+on, so S stages cost about (S + 1) / 2 passes. SmolLM2 at 3 bits, group 128 (fp32 perplexity 24.22): with 8
+calibration windows 35.65 with 1 stage, 34.87 with 6, 34.16 with 15, 34.14 with 30; with 128 windows 33.79 with 1,
+32.66 with 8, 31.99 with 16.
+
 GPTQ (Frantar et al., "OPTQ"). ``H = G + lambda I`` with ``lambda = damp * mean(diag(G))``. Rows of ``W`` (input
 features) are quantized in order; after row r, the rows not yet quantized absorb its error so that the output error
 stays minimal (the Optimal Brain Surgeon update)::
@@ -201,6 +210,11 @@ class CalibratedWeightOnly(WeightOnlyRTN):
     def prepare(self, model: ir.Model, groups: list[Group]) -> None:
         """Hook run once statistics are available and before weights are rewritten."""
 
+    def stages(self) -> int:
+        """Calibration stages (``GPTQOptions.stages``). A pass whose :meth:`prepare` needs every layer's statistics
+        at once (AWQ, mixed precision) keeps 1."""
+        return 1
+
     @abc.abstractmethod
     def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
         """Quantize the [K, N] weights of a group's members (in ``group.members`` order)."""
@@ -225,34 +239,50 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         self._pending = {}
         self._results = {}
         self._corrections = {}
-        start = time.perf_counter()
+        count = max(1, min(self.stages(), len(self._groups)))
+        self._stages = [
+            self._groups[i * len(self._groups) // count : (i + 1) * len(self._groups) // count] for i in range(count)
+        ]
+        self._model = model
+        self._collected: set[str] = set()
+        self._passes = 0
+        self._stats_seconds = 0.0
         try:
             with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
                 self.stats = Statistics(Path(tmp))
-                dims = {name: group.k for group in self._groups for name in group.inputs}
-                assert self.context.calibration is not None  # checked by requires()
-                passes = self.stats.collect(
-                    self.context.calibration,
-                    model,
-                    dims,
-                    self.vector_statistics(),
-                    self.options.stats_memory_mb << 20,
-                )
-                stats_seconds = time.perf_counter() - start
+                self._collect_stage(self._stages[0])
                 self.prepare(model, self._groups)
                 prepared = self.details
                 result = super().call(model)
                 self.details = prepared | self.details
             if opset is not None:
                 self.details["opset"] = opset
-            self.details["calibration"] = {"tensors": len(dims), "passes": passes, "seconds": round(stats_seconds, 3)}
+            self.details["calibration"] = {
+                "tensors": len(self._collected),
+                "passes": self._passes,
+                "stages": count,
+                "seconds": round(self._stats_seconds, 3),
+            }
             self._finish(model)
         finally:
             self.release()
         return result
 
+    def _collect_stage(self, groups: list[Group]) -> None:
+        """Collect the statistics of ``groups``' inputs on the model as it is now (earlier stages quantized)."""
+        start = time.perf_counter()
+        dims = {name: group.k for group in groups for name in group.inputs if name not in self._collected}
+        assert self.context.calibration is not None  # checked by requires()
+        self._passes += self.stats.collect(
+            self.context.calibration, self._model, dims, self.vector_statistics(), self.options.stats_memory_mb << 20
+        )
+        self._collected.update(dims)
+        self._stats_seconds += time.perf_counter() - start
+
     def release(self) -> None:
         """Drop the state of a run: it references the model's weights, which must not outlive their graph."""
+        self._model: ir.Model | None = None
+        self._stages: list[list[Group]] = []
         self.sites: list[WeightSite] = []
         self.calibrated: dict[str, tuple[str, str]] = {}
         self._groups: list[Group] = []
@@ -285,6 +315,8 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         if group is None or site.node.graph is not self._main:
             return super().quantize_weight(weight, site)
         if key not in self._pending:
+            if not self._collected.issuperset(group.inputs):
+                self._collect_stage(next(stage for stage in self._stages if group in stage))
             arrays = [weight if member == key else load_weight(member) for member in group.members]
             hessian = self.hessian(group)
             means = {}
@@ -611,12 +643,16 @@ class GPTQOptions(CalibratedOptions):
     * ``act_order``: quantize input features by decreasing activation energy, with static group scales.
     * ``clip``: choose each group's range by its output error among shrinks ``1, 0.95, ..., 0.55`` (AWQ-style
       clipping, :func:`clip_search`) rather than the full min-max range.
+    * ``stages``: split the layers, in graph order, into this many stages; each stage's statistics are collected
+      with the stages before it already quantized (module docstring). Each stage costs a pass over the calibration
+      data.
     """
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
     clip: bool = True
+    stages: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -624,6 +660,8 @@ class GPTQOptions(CalibratedOptions):
             raise ValueError(f"damp must be positive (it keeps the Hessian invertible), got {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
 
 
 @register("quantize.gptq")
@@ -634,6 +672,9 @@ class GPTQ(CalibratedWeightOnly):
     """
 
     Options = GPTQOptions
+
+    def stages(self) -> int:
+        return self.options.stages
 
     def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
         quantized = self.joint(weights, self.hessian(group), self.options.spec)

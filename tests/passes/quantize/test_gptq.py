@@ -223,6 +223,32 @@ def test_statistics_memory_budget_only_changes_the_number_of_passes() -> None:
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_stages_collect_later_statistics_on_the_quantized_model(stages: int) -> None:
+    """With 2 stages the second layer's Hessian is that of the hidden activations the quantized first layer makes,
+    so the output error it reports is the one measured on them; with 1 stage it is not."""
+    feeds = [{"x": correlated(128, 64, seed=i)} for i in range(2)]
+    model = kiln.testing.mlp([64, 64, 32], seed=5)
+    w1 = model.graph.initializers["w1"].const_value.numpy().astype(np.float64)
+    pass_ = _quantize(model, "quantize.gptq", feeds, bits=2, group_size=32, format="dq", stages=stages)
+    calibration = pass_.details["calibration"]
+    assert (calibration["stages"], calibration["passes"], calibration["tensors"]) == (stages, stages, 2)
+
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    model.graph.outputs.extend([values["h2"], values["h3"]])  # input and output of the second matmul
+    noise = signal = 0.0
+    for out in _run_all(model, feeds):
+        expected = out["h2"].astype(np.float64) @ w1
+        noise += float(np.square(out["h3"] - expected).sum())
+        signal += float(np.square(expected).sum())
+    measured = np.sqrt(noise / signal)
+    reported = pass_.details["layers"]["matmul1"]["output_rel_error"]
+    if stages == 2:
+        assert reported == pytest.approx(measured, rel=1e-3)
+    else:
+        assert abs(reported - measured) > 0.02 * measured
+
+
 def test_matmul_inside_a_subgraph_falls_back_to_rtn() -> None:
     def branch(name: str, weight: str) -> onnx.GraphProto:
         return helper.make_graph(
@@ -268,6 +294,7 @@ def test_needs_calibration() -> None:
         ({"damp": 0.0}, "damp must be positive"),
         ({"block_size": 0}, "block_size must be >= 1"),
         ({"stats_memory_mb": 0}, "stats_memory_mb must be positive"),
+        ({"stages": 0}, "stages must be >= 1"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:
