@@ -137,6 +137,7 @@ def test_needs_calibration() -> None:
         ({"group_size": 4}, r"group_size must be >= 8"),
         ({"average_bits": 1.5, "candidate_bits": [2, 3]}, r"average_bits=1.5 is below the smallest candidate"),
         ({"format": "dq"}, r"has no option .format."),
+        ({"refits": -1}, r"refits must be >= 0, got -1"),
     ],
 )
 def test_bad_options(options: dict, message: str) -> None:
