@@ -22,10 +22,16 @@ with the op's ONNX-function form (:mod:`kiln.runtime_ops.shiftadd`) added to the
 calibration statistics and are skipped, with the reason in ``details["skipped"]``. A tied embedding table stays
 float for its Gather, as in ``quantize.rtn``.
 
-Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens,
-LM head included): perplexity 43.39 at 3 planes in groups of 128 (44.33 without the refit, 49.41 without act-order,
-42.34 in groups of 64 without the refit) and 289.8 at 2 planes, where the float model scores 24.22 and kiln's GPTQ
-(groups of 128) 35.65 at 3 bits and 175.3 at 2; the refit doubles the fitting time (105 -> 189 s at 3 planes).
+Stages (``stages``, as in ``quantize.gptq``): the weights of a stage's layers compute with their fitted values
+while the next stage's statistics are collected (the model's own weights are restored before the rewrite), so later
+layers are fitted to the inputs the shift-add model feeds them.
+
+Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens;
+the LM head stays float, as the exported graph computes its weight with a Transpose at run time): perplexity 43.39
+at 3 planes in groups of 128 (44.33 without the refit, 49.41 without act-order, 42.34 in groups of 64 without the
+refit) and 289.8 at 2 planes, where the float model scores 24.22 and kiln's GPTQ (groups of 128, one stage) 35.65
+at 3 bits and 175.3 at 2; the refit doubles the fitting time (105 -> 189 s at 3 planes). With 16 stages: 42.56 at
+3 planes and 125.3 at 2 (231 and 195 s).
 Power-of-two scales cost more than binary coding gains on this model (see :mod:`kiln.passes.shiftadd.fit`).
 """
 
@@ -66,6 +72,8 @@ class BCQOptions:
     * ``compensate``: GPTQ-style error compensation across rows; ``damp``: its Hessian damping.
     * ``act_order``: compensate rows by decreasing activation energy, with group exponents fitted beforehand.
     * ``refits``: with ``act_order``, further sweeps that refit the exponents on the rows as compensated.
+    * ``stages``: collect statistics in this many stages, each on the model with the earlier stages' weights
+      already fitted, as ``quantize.gptq``'s ``stages`` (not with ``average_bits``, which scores every layer first).
     * ``op_types``, ``min_elements``, ``exclude``, ``quantize_lm_head``: which nodes, as in ``quantize.rtn``.
     * ``stats_memory_mb``: memory for Grams while collecting statistics.
     """
@@ -81,6 +89,7 @@ class BCQOptions:
     act_order: bool = True
     refits: int = 1
     damp: float = 0.01
+    stages: int = 1
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     min_elements: int = 4096
     exclude: list[str] = dataclasses.field(default_factory=list)
@@ -106,6 +115,10 @@ class BCQOptions:
             raise ValueError(f"refits must be >= 0, got {self.refits}")
         if not self.damp > 0:
             raise ValueError(f"damp must be positive, got {self.damp}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.stages > 1 and self.average_bits is not None:
+            raise ValueError("stages must be 1 with average_bits: the allocation scores every layer first")
         if self.sensitivity_batches < 1:
             raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches}")
         if self.stats_memory_mb <= 0:
@@ -154,17 +167,35 @@ class ShiftAddBCQ(KilnPass):
                 f">= {shiftadd.MIN_OPSET} (convert the model first, e.g. onnxscript's version_converter)"
             )
         groups = _make_groups(main)
-        with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
-            stats = Statistics(Path(tmp))
-            dims = {name: group.k for group in groups for name in group.inputs}
-            vectors = {"mean": ChannelMean} if opts.average_bits is not None else {}
-            assert self.context.calibration is not None  # checked by requires()
-            passes = stats.collect(self.context.calibration, model, dims, vectors, opts.stats_memory_mb << 20)
-            self.details["calibration"] = {"tensors": len(dims), "passes": passes}
-            allocated = self._allocate(model, groups, stats, Path(tmp)) if opts.average_bits is not None else {}
-            fitted: dict[MemberKey, tuple[BCQWeight, dict[str, Any]]] = {}
-            for group in groups:
-                fitted |= self._fit_group(group, stats, allocated)
+        count = min(opts.stages, len(groups))
+        stages = [groups[i * len(groups) // count : (i + 1) * len(groups) // count] for i in range(count)]
+        # Weights the calibration model computes with fitted values until the rewrite; a tied embedding's table
+        # keeps its float values for the Gather, so it is not swapped.
+        swappable = {(site.weight, site.transposed) for site in main if not site.kept_float}
+        originals: dict[ir.Value, ir.TensorProtocol] = {}
+        fitted: dict[MemberKey, tuple[BCQWeight, dict[str, Any]]] = {}
+        passes = 0
+        try:
+            with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
+                stats = Statistics(Path(tmp))
+                vectors = {"mean": ChannelMean} if opts.average_bits is not None else {}
+                assert self.context.calibration is not None  # checked by requires()
+                for stage in stages:
+                    dims = {name: group.k for group in stage for name in group.inputs}
+                    passes += stats.collect(self.context.calibration, model, dims, vectors, opts.stats_memory_mb << 20)
+                    allocated = {} if opts.average_bits is None else self._allocate(model, groups, stats, Path(tmp))
+                    for group in stage:
+                        results = self._fit_group(group, stats, allocated)
+                        fitted |= results
+                        if count > 1:
+                            for key, (weight, _) in results.items():
+                                if key in swappable:
+                                    originals.setdefault(key[0], _swap(key, weight))
+        finally:
+            for value, tensor in originals.items():
+                value.const_value = tensor
+        tensors = len({name for group in groups for name in group.inputs})
+        self.details["calibration"] = {"tensors": tensors, "passes": passes, "stages": count}
         self._rewrite(model, main, fitted)
         return ir.passes.PassResult(model, modified=True)
 
@@ -337,3 +368,17 @@ def _make_groups(sites: list[WeightSite]) -> list[Group]:
 
 def _hessian(group: Group, stats: Statistics) -> np.ndarray:
     return sum((stats.get(name, "gram") for name in group.inputs), start=np.zeros((group.k, group.k)))
+
+
+def _swap(key: MemberKey, weight: BCQWeight) -> ir.TensorProtocol:
+    """Give ``key``'s initializer the fitted weight's values, computed only when read; return its own tensor."""
+    value, transposed = key
+    original = value.const_value
+    assert original is not None  # the finder checked it
+
+    def fitted() -> ir.TensorProtocol:
+        w = weight.dequantize()
+        return ir.tensor(np.ascontiguousarray(w.T if transposed else w).astype(original.dtype.numpy()))
+
+    value.const_value = ir.LazyTensor(fitted, dtype=original.dtype, shape=original.shape, name=value.name)
+    return original

@@ -83,6 +83,39 @@ def test_mlp_is_rewritten_and_runs_as_the_reference() -> None:
     assert np.linalg.norm(y - y_float) / np.linalg.norm(y_float) < 0.45  # measured 0.32
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_stages_fit_later_layers_on_the_fitted_model(stages: int) -> None:
+    """With 2 stages the second layer's Gram comes from the hidden activations the fitted first layer makes, so its
+    reported output error is the one measured on them; with 1 stage it is not."""
+    model = testing.mlp([64, 64, 32], seed=5)
+    w1 = model.graph.initializers["w1"].const_value.numpy().astype(np.float64)
+    feeds = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(3)]
+    options = {"min_elements": 0, "bits": 2, "group_size": 32, "stages": stages}
+    pass_ = registry.create("shiftadd.bcq", options, PassContext(calibration=CalibrationData(feeds)))
+    assert pass_(model).modified
+    calibration = pass_.details["calibration"]
+    assert (calibration["stages"], calibration["passes"], calibration["tensors"]) == (stages, stages, 2)
+
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    for name in ("h2", "h3"):  # input and output of the second matmul
+        values[name].type = ir.TensorType(ir.DataType.FLOAT)
+        values[name].shape = ir.Shape(["batch", 64 if name == "h2" else 32])
+        model.graph.outputs.append(values[name])
+    session = _session(model)
+    noise = signal = 0.0
+    for feed in feeds:
+        h2, h3 = session.run(["h2", "h3"], feed)
+        expected = h2.astype(np.float64) @ w1
+        noise += float(np.square(h3 - expected).sum())
+        signal += float(np.square(expected).sum())
+    measured = np.sqrt(noise / signal)
+    reported = pass_.details["layers"]["matmul1"]["output_rel_error"]
+    if stages == 2:
+        assert reported == pytest.approx(measured, rel=1e-3)
+    else:
+        assert abs(reported - measured) > 0.02 * measured
+
+
 def test_gemm_with_bias_and_transposed_weight() -> None:
     k, n = 48, 20
     w = RNG.standard_normal((n, k)).astype(np.float32)
@@ -138,6 +171,8 @@ def test_needs_calibration() -> None:
         ({"average_bits": 1.5, "candidate_bits": [2, 3]}, r"average_bits=1.5 is below the smallest candidate"),
         ({"format": "dq"}, r"has no option .format."),
         ({"refits": -1}, r"refits must be >= 0, got -1"),
+        ({"stages": 0}, r"stages must be >= 1, got 0"),
+        ({"stages": 2, "average_bits": 2.5}, r"stages must be 1 with average_bits"),
     ],
 )
 def test_bad_options(options: dict, message: str) -> None:
