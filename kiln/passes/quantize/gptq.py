@@ -239,10 +239,8 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         self._pending = {}
         self._results = {}
         self._corrections = {}
-        count = max(1, min(self.stages(), len(self._groups)))
-        self._stages = [
-            self._groups[i * len(self._groups) // count : (i + 1) * len(self._groups) // count] for i in range(count)
-        ]
+        stages = split_stages(self._groups, self.stages())
+        self._stage_of = {group.inputs: stage for stage in stages for group in stage}
         self._model = model
         self._collected: set[str] = set()
         self._passes = 0
@@ -250,7 +248,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         try:
             with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
                 self.stats = Statistics(Path(tmp))
-                self._collect_stage(self._stages[0])
+                self._collect_stage(stages[0])
                 self.prepare(model, self._groups)
                 prepared = self.details
                 result = super().call(model)
@@ -260,7 +258,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
             self.details["calibration"] = {
                 "tensors": len(self._collected),
                 "passes": self._passes,
-                "stages": count,
+                "stages": len(stages),
                 "seconds": round(self._stats_seconds, 3),
             }
             self._finish(model)
@@ -282,7 +280,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
     def release(self) -> None:
         """Drop the state of a run: it references the model's weights, which must not outlive their graph."""
         self._model: ir.Model | None = None
-        self._stages: list[list[Group]] = []
+        self._stage_of: dict[tuple[str, ...], list[Group]] = {}
         self.sites: list[WeightSite] = []
         self.calibrated: dict[str, tuple[str, str]] = {}
         self._groups: list[Group] = []
@@ -316,7 +314,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
             return super().quantize_weight(weight, site)
         if key not in self._pending:
             if not self._collected.issuperset(group.inputs):
-                self._collect_stage(next(stage for stage in self._stages if group in stage))
+                self._collect_stage(self._stage_of[group.inputs])
             arrays = [weight if member == key else load_weight(member) for member in group.members]
             hessian = self.hessian(group)
             means = {}
@@ -401,6 +399,12 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         name = output.name
         output.name = names.fresh(f"{name}_uncorrected")
         corrected.name = name
+
+
+def split_stages(groups: list[Group], count: int) -> list[list[Group]]:
+    """``groups`` (in graph order) cut into ``count`` consecutive stages of near-equal size, none empty."""
+    count = max(1, min(count, len(groups)))
+    return [groups[i * len(groups) // count : (i + 1) * len(groups) // count] for i in range(count)]
 
 
 def _input_name(site: WeightSite) -> str:

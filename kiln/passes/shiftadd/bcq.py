@@ -52,7 +52,7 @@ from kiln.compiler.registry import register
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.quantize.gptq import Group, MemberKey, Statistics, load_weight, quadratic
+from kiln.passes.quantize.gptq import Group, MemberKey, Statistics, load_weight, quadratic, split_stages
 from kiln.passes.quantize.mixed import _ModelProbe, _scale_to_model, allocate
 from kiln.passes.quantize.rtn import RTNOptions, WeightOnlyRTN, WeightSite
 from kiln.passes.shiftadd.fit import BCQWeight, bcq_gptq
@@ -167,8 +167,7 @@ class ShiftAddBCQ(KilnPass):
                 f">= {shiftadd.MIN_OPSET} (convert the model first, e.g. onnxscript's version_converter)"
             )
         groups = _make_groups(main)
-        count = min(opts.stages, len(groups))
-        stages = [groups[i * len(groups) // count : (i + 1) * len(groups) // count] for i in range(count)]
+        stages = split_stages(groups, opts.stages)
         # Weights the calibration model computes with fitted values until the rewrite; a tied embedding's table
         # keeps its float values for the Gather, so it is not swapped.
         swappable = {(site.weight, site.transposed) for site in main if not site.kept_float}
@@ -187,7 +186,7 @@ class ShiftAddBCQ(KilnPass):
                     for group in stage:
                         results = self._fit_group(group, stats, allocated)
                         fitted |= results
-                        if count > 1:
+                        if len(stages) > 1:
                             for key, (weight, _) in results.items():
                                 if key in swappable:
                                     originals.setdefault(key[0], _swap(key, weight))
@@ -195,7 +194,7 @@ class ShiftAddBCQ(KilnPass):
             for value, tensor in originals.items():
                 value.const_value = tensor
         tensors = len({name for group in groups for name in group.inputs})
-        self.details["calibration"] = {"tensors": tensors, "passes": passes, "stages": count}
+        self.details["calibration"] = {"tensors": tensors, "passes": passes, "stages": len(stages)}
         self._rewrite(model, main, fitted)
         return ir.passes.PassResult(model, modified=True)
 
