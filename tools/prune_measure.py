@@ -44,8 +44,16 @@ SMOLLM2 = {
     "err6": ("prune.blocks", {"unit": "block", "count": 6, "importance": "output_error"}),
     "attn-half-err": ("prune.blocks", {"unit": "attention", "count": 15, "importance": "output_error"}),
     "attn-8-err": ("prune.blocks", {"unit": "attention", "count": 8, "importance": "output_error"}),
-    "attn-half-comp": ("prune.blocks", {"unit": "attention", "count": 15, "mean_compensation": True}),
-    "bi6-comp": ("prune.blocks", {"unit": "block", "count": 6, "mean_compensation": True}),
+    "attn-half-comp": ("prune.blocks", {"unit": "attention", "count": 15, "compensation": "mean"}),
+    "attn-half-linear": ("prune.blocks", {"unit": "attention", "count": 15, "compensation": "linear"}),
+    "attn-half-linear128": ("prune.blocks", {"unit": "attention", "count": 15, "compensation": "linear", "rank": 128}),
+    "attn-half-sii": (
+        "prune.blocks",
+        {"unit": "attention", "count": 15, "compensation": "linear", "importance": "stand_in_influence"},
+    ),
+    "attn-8-linear": ("prune.blocks", {"unit": "attention", "count": 8, "compensation": "linear"}),
+    "bi6-comp": ("prune.blocks", {"unit": "block", "count": 6, "compensation": "mean"}),
+    "mlp8-linear": ("prune.blocks", {"unit": "mlp", "count": 8, "compensation": "linear"}),
     "mlp25": ("prune.mlp", {"ratio": 0.25}),
     "mlp25-nocomp": ("prune.mlp", {"ratio": 0.25, "bias_compensation": False}),
 }
@@ -144,9 +152,12 @@ def smollm2(args: argparse.Namespace, tmp: Path) -> None:
         ppl = _perplexity(pruned, windows)
         if name == "prune.blocks":
             indices = [d["index"] for d in details["dropped"]]
-            compensate = options.get("mean_compensation", False)
-            decode_steps = [(name, {"unit": options["unit"], "indices": indices, "mean_compensation": compensate})]
-            decode_calibration = CalibrationData.from_zoo("smollm2-135m", "decode") if compensate else None
+            compensation = options.get("compensation", "none")
+            decode_options = {"unit": options["unit"], "indices": indices, "compensation": compensation}
+            if compensation == "linear":  # the decode graph's feeds are too few tokens to fit on: reuse the full fit
+                decode_options |= {"rank": options.get("rank", 0), "fitted_from": str(pruned)}
+            decode_steps = [(name, decode_options)]
+            decode_calibration = CalibrationData.from_zoo("smollm2-135m", "decode") if compensation == "mean" else None
         else:
             decode_steps, decode_calibration = [(name, options)], CalibrationData.from_zoo("smollm2-135m", "decode")
         pruned_decode, _ = _prune(decode, decode_steps, decode_calibration, tmp / label / "decode")

@@ -461,27 +461,48 @@ def _mlp_before(stream: ir.Value, norm: Literal["pre", "post"]) -> Sublayer | No
 
 
 def _constant_add_after(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
-    """``h + c`` (then normalized, post-norm) with ``c`` a constant: what a compensated, pruned sublayer leaves."""
+    """What a dropped sublayer with a stand-in leaves on the stream (then normalized, post-norm): ``h + c`` with
+    ``c`` a constant, or ``h + (x A (B) + b)`` with ``x`` computed from ``h`` without projections (a linear
+    stand-in of ``prune.blocks``)."""
     uses = stream.uses()
-    if len(uses) != 1:
-        return None
-    add = uses[0].node
-    if add.op_type != "Add" or not _is_default(add) or len(_activations(add)) != 1:
-        return None
-    if norm == "post":
-        post = _post_norm(add)
-        return None if post is None else post.outputs[0]
-    return add.outputs[0]
+    for use in uses:
+        add = use.node
+        if add.op_type != "Add" or not _is_default(add):
+            continue
+        activations = _activations(add)
+        constant = len(uses) == 1 and len(activations) == 1
+        if not constant and not (len(activations) == 2 and _is_stand_in(activations[1 - use.idx], stream)):
+            continue
+        if norm == "post":
+            post = _post_norm(add)
+            return None if post is None else post.outputs[0]
+        return add.outputs[0]
+    return None
+
+
+def _is_stand_in(branch: ir.Value, stream: ir.Value) -> bool:
+    """``branch = x @ A (@ B) + b`` with constant ``A``, ``B``, ``b``, and ``x`` reached from ``stream`` through no
+    projection (a normalization, or ``stream`` itself)."""
+    node = branch.producer()
+    if node is None or node.op_type != "Add" or not _is_default(node) or len(_activations(node)) != 1:
+        return False
+    (value,) = _activations(node)
+    matmuls = 0
+    while matmuls < 2 and (projection := projection_of(value)) is not None:
+        value, matmuls = projection.input, matmuls + 1
+    if matmuls == 0:
+        return False
+    walk = _walk_back(value, stop=stream)
+    return not walk.projections and not walk.graph_inputs
 
 
 def _constant_add_before(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
     node = stream.producer()
     if norm == "post" and node is not None and node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
         node = node.inputs[0].producer()
-    if node is None or node.op_type != "Add" or not _is_default(node) or len(_activations(node)) != 1:
+    if node is None or node.op_type != "Add" or not _is_default(node):
         return None
-    (source,) = _activations(node)
-    return source if _constant_add_after(source, norm) is stream else None
+    return next((s for s in _activations(node) if _constant_add_after(s, norm) is stream), None)
 
 
 def find_structure(model: ir.Model) -> Structure:
@@ -520,24 +541,24 @@ def find_structure(model: ir.Model) -> Structure:
     sublayers: list[Sublayer] = []
     stream = residual_of_first
     while True:
-        before = _mlp_before(stream, norm)
-        if before is not None:
+        if (source := _constant_add_before(stream, norm)) is not None:
+            stream = source
+        elif (before := _mlp_before(stream, norm)) is not None:
             sublayers.insert(0, before)
             stream = before.residual
-        elif (source := _constant_add_before(stream, norm)) is not None:
-            stream = source
         else:
             break
     stream = residual_of_first
     while True:
-        sublayer = by_residual.pop(stream, None) or _mlp_after(stream, norm)
-        if sublayer is not None:
-            sublayers.append(sublayer)
-            stream = sublayer.output
-        elif (after := _constant_add_after(stream, norm)) is not None:
-            stream = after  # a sublayer pruned with mean compensation: h + constant
-        else:
+        sublayer = by_residual.pop(stream, None)
+        if sublayer is None and (after := _constant_add_after(stream, norm)) is not None:
+            stream = after  # a sublayer pruned with a stand-in: its mean, or a linear map
+            continue
+        sublayer = sublayer or _mlp_after(stream, norm)
+        if sublayer is None:
             break
+        sublayers.append(sublayer)
+        stream = sublayer.output
     if by_residual:
         softmax = next(iter(by_residual.values())).attention.softmax
         raise StructureError(
