@@ -53,6 +53,8 @@ DECODE_SKIPS = {
     "prune-heads": "prune.heads refuses graphs with a KV cache (prune the full graph; smollm2-135m table)",
     "prune-heads-w8": "prune.heads refuses graphs with a KV cache (prune the full graph; smollm2-135m table)",
     "prune-filters-25": "no convolutions",
+    "prune-mlp-25": "its down-projection refit needs two calibration tokens per kept channel, and the decode feeds "
+    "hold 32; tools/prune_measure.py times the pruned decode graph",
     "prune-attn-half": "its linear stand-ins are fitted on whole sequences, and the decode feeds hold 32 tokens: a "
     "decode graph takes them from the pruned full graph (fitted_from); tools/prune_measure.py times that graph",
     "shiftadd-w3": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",

@@ -18,42 +18,15 @@ relative to the mean stand-in.
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 
 import numpy as np
 
-from kiln.compiler.calibration import Reducer
 from kiln.errors import CalibrationError
+from kiln.passes.prune._stats import Joined, cosine_gap_sum
 
 
-class _Joined(abc.ABC):
-    """Several tensors of the same calibration batch, as rows of their last axis: each name in ``sides`` is one
-    reducer (``side(name)``); ``combine`` gets the batch once all have arrived."""
-
-    sides: tuple[str, ...]
-
-    def __init__(self) -> None:
-        self._pending: dict[str, np.ndarray] = {}
-
-    def side(self, key: str) -> Reducer:
-        joined = self
-
-        class _Side(Reducer):
-            def update(self, array: np.ndarray) -> None:
-                joined._pending[key] = array.reshape(-1, array.shape[-1]).astype(np.float64)
-                if len(joined._pending) == len(joined.sides):
-                    arrays, joined._pending = joined._pending, {}
-                    joined.combine(**arrays)
-
-        return _Side()
-
-    @abc.abstractmethod
-    def combine(self, **arrays: np.ndarray) -> None:
-        """Fold one batch in."""
-
-
-class CrossMoments(_Joined):
+class CrossMoments(Joined):
     """Sums over rows (tokens) of ``x``, ``y``, ``x^T x``, ``x^T y`` and ``|y|^2``: what :func:`fit` needs."""
 
     sides = ("x", "y")
@@ -76,7 +49,7 @@ class CrossMoments(_Joined):
         self.count += x.shape[0]
 
 
-class StandInGap(_Joined):
+class StandInGap(Joined):
     """Mean over rows (tokens) of ``1 - cos(h + y, h + stand_in(x))``: how far the stand-in turns the residual
     stream ``h`` from where the sublayer's branch ``y`` would (Block Influence, with the stand-in in place)."""
 
@@ -89,10 +62,7 @@ class StandInGap(_Joined):
         self.count = 0
 
     def combine(self, x: np.ndarray, y: np.ndarray, h: np.ndarray) -> None:
-        before, after = h + y, h + self.stand_in(x)
-        norms = np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1)
-        cos = np.where(norms > 0, (before * after).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
-        self.sum += float((1.0 - cos).sum())
+        self.sum += cosine_gap_sum(h + y, h + self.stand_in(x))
         self.count += x.shape[0]
 
     @property

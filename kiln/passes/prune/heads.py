@@ -19,7 +19,8 @@ and removes ``ratio`` of them, or of the model's parameters, multiply-adds or ru
 :mod:`kiln.passes.prune.budget`); at least ``min_heads`` stay per layer.
 
 Bias compensation (FLAP): a removed head's mean contribution ``E[c_h] W_o[h]`` over the calibration data is added
-to O's bias (a bias Add is inserted when O has none), so the output keeps its mean.
+to O's bias (a bias Add is inserted when O has none), so the output keeps its mean. With ``refit``, O's kept rows
+and bias are re-solved by least squares on the calibration contexts instead (:mod:`kiln.passes.prune._refit`).
 
 Grouped-query attention (``r`` query heads per KV head, the KV heads repeated ``r`` times by an
 Unsqueeze -> Expand -> Reshape as exporters write ``repeat_kv``): K and V stay whole, and every KV group loses the
@@ -38,13 +39,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import CalibrationData
+from kiln.compiler.calibration import CalibrationData, Gram
 from kiln.compiler.registry import register
-from kiln.errors import KilnError
+from kiln.errors import CalibrationError, KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit, _gates, budget
-from kiln.passes.prune._stats import ChannelMoments, channel_moments
+from kiln.passes.prune import _edit, _gates, _refit, budget
+from kiln.passes.prune._stats import ChannelMoments, projection_statistics
 from kiln.passes.prune.structure import Attention, Projection, Sublayer, find_structure, parameter_count
 
 
@@ -62,6 +63,7 @@ class HeadsOptions:
     * ``target``: what ``ratio`` is a share of with "global": "units" (heads), "params" or "flops" (of the whole
       model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed heads' mean output into O's bias.
+    * ``refit``: re-solve O's kept rows and bias by least squares instead (needs many calibration tokens).
     """
 
     heads: int = 0
@@ -72,6 +74,7 @@ class HeadsOptions:
     error_feeds: int = 2
     target: budget.Target = "units"
     bias_compensation: bool = True
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.heads < 0:
@@ -89,6 +92,8 @@ class HeadsOptions:
         if self.error_feeds < 1:
             raise ValueError(f"error_feeds must be >= 1, got {self.error_feeds}")
         budget.check_options(self.target, self.allocation)
+        if self.refit and not self.bias_compensation:
+            raise ValueError("refit re-solves the bias too: it needs bias_compensation")
 
 
 @register("prune.heads")
@@ -115,7 +120,7 @@ class PruneHeads(KilnPass):
                     f"prune.heads: attention at Softmax {attention.softmax.name!r} reads a KV cache "
                     f"({attention.past[0].name!r}); prune the full graph instead"
                 )
-        contexts, streams = self._statistics(model, sublayers)
+        contexts, streams, grams = self._statistics(model, sublayers)
         if opts.importance == "output_error":
             scores = self._output_errors(model, sublayers)
             relative = scores  # already on one scale: the model's outputs
@@ -139,7 +144,10 @@ class PruneHeads(KilnPass):
                 }
             )
             if drop:
-                _remove_heads(attention, sorted(drop), contexts[attention.o.input], opts.bias_compensation, shapes)
+                errors = _remove_heads(
+                    attention, sorted(drop), contexts[attention.o.input], grams.get(attention.o.input), opts, shapes
+                )
+                layers[-1] |= errors
                 group = attention.num_heads // attention.num_kv_heads
                 kept_group, kept = group - len(drop) // attention.num_kv_heads, attention.num_heads - len(drop)
                 for expand, reshape in repeats.get(id(attention), []):
@@ -155,6 +163,7 @@ class PruneHeads(KilnPass):
             "allocation": opts.allocation,
             "budget": spent,
             "bias_compensation": opts.bias_compensation,
+            "refit": opts.refit,
             "heads_kept": [layer["heads_kept"] for layer in layers],
             "layers": layers,
             "parameters_before": before,
@@ -164,12 +173,11 @@ class PruneHeads(KilnPass):
 
     def _statistics(
         self, model: ir.Model, sublayers: list[Sublayer]
-    ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments]]:
+    ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments], dict[ir.Value, Gram]]:
         assert self.context.calibration is not None  # checked by requires()
-        contexts = [s.attention.o.input for s in sublayers]
+        inputs = [s.attention.o.input for s in sublayers]
         streams = [s.residual for s in sublayers]
-        moments = channel_moments(self.context.calibration, model, [*contexts, *streams])
-        return {v: moments[v] for v in contexts}, {v: moments[v] for v in streams}
+        return projection_statistics(self.context.calibration, model, inputs, streams, self.options.refit)
 
     def _output_errors(self, model: ir.Model, sublayers: list[Sublayer]) -> list[np.ndarray]:
         """Per layer and head, the outputs' relative change with that head's context channels masked."""
@@ -290,8 +298,15 @@ def _scores(attention: Attention, context: ChannelMoments) -> np.ndarray:
 
 
 def _remove_heads(
-    attention: Attention, drop: list[int], context: ChannelMoments, compensate: bool, shapes: _Shapes
-) -> None:
+    attention: Attention,
+    drop: list[int],
+    context: ChannelMoments,
+    gram: Gram | None,
+    opts: HeadsOptions,
+    shapes: _Shapes,
+) -> dict[str, float]:
+    """Slice the heads out of Q/K/V/O and rewrite the head counts; compensate O as ``opts`` say; return the
+    refit's residuals (empty without ``refit``)."""
     names = shapes.names
     d, heads = attention.head_dim, attention.num_heads
     kept_heads = heads - len(drop)
@@ -307,13 +322,21 @@ def _remove_heads(
     if merge is not None and merge.op_type == "Reshape":
         _rewrite_shape(merge, position=-1, old=heads * d, new=kept_heads * d, names=shapes)
     o = attention.o
-    if compensate:
-        w_o = _edit.weight_array(o.weight).astype(np.float64)
-        delta = context.mean[dropped_channels] @ w_o[dropped_channels]
-        o = _edit.add_to_bias(o, delta, names)
+    w_o = _edit.weight_array(o.weight).astype(np.float64)
+    rows, errors = w_o[keep], {}
+    if gram is not None:
+        try:
+            rows, shift, errors = _refit.refit(gram, context.mean, w_o, keep, dropped_channels)
+        except CalibrationError as error:
+            raise KilnError(f"prune.heads: attention at Softmax {attention.softmax.name!r}: {error}") from error
+        o = _edit.add_to_bias(o, shift, names)
+    elif opts.bias_compensation:
+        o = _edit.add_to_bias(o, context.mean[dropped_channels] @ w_o[dropped_channels], names)
     for projection in sliced:
         _edit.slice_projection(projection, keep, axis=1, names=names)
-    _edit.slice_projection(o, keep, axis=0, names=names)
+    dtype = _edit.weight_array(o.weight).dtype
+    _edit.replace_constant(o.matmul, 1, np.ascontiguousarray(rows.astype(dtype)), names)
+    return errors
 
 
 def _rewrite_shape(node: ir.Node, *, position: int, old: int, new: int, names: _Shapes) -> None:

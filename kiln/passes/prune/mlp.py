@@ -14,8 +14,14 @@ multiply-adds or run time (``target``, :mod:`kiln.passes.prune.budget`), keeping
 MLP. Kept widths are multiples of ``multiple_of`` (friendlier to GEMM kernels) where the MLP is that wide.
 
 Bias compensation (FLAP): the removed channels' mean output ``E[a_removed] W_down[removed]`` is added to the down
-projection's bias (an Add is inserted when it has none). Details record per MLP the width before and after and
-the parameter counts.
+projection's bias (an Add is inserted when it has none).
+
+Refit (``refit``): the down projection's kept rows and bias are re-solved by least squares on the calibration
+activations instead (:mod:`kiln.passes.prune._refit`): the kept channels also carry the part of the removed ones
+they correlate with. SmolLM2, a quarter of every MLP's channels, 32 calibration windows: perplexity 29.6 against
+33.4 with bias compensation (with 8 windows the fit overfits: 35.8 against 34.2).
+
+Details record per MLP the width before and after and the parameter counts.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from kiln.compiler.calibration import Gram
 from kiln.compiler.registry import register
-from kiln.errors import KilnError
+from kiln.errors import CalibrationError, KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.prune import _edit, budget
-from kiln.passes.prune._stats import ChannelMoments, channel_moments
+from kiln.passes.prune import _edit, _refit, budget
+from kiln.passes.prune._stats import ChannelMoments, projection_statistics
 from kiln.passes.prune.structure import Sublayer, find_structure, parameter_count
 
 
@@ -46,6 +53,7 @@ class MLPOptions:
     * ``target``: what ``ratio`` is a share of with "global": "units" (channels), "params" or "flops" (of the whole
       model), or "latency" (of its measured run time); see :mod:`kiln.passes.prune.budget`.
     * ``bias_compensation``: fold the removed channels' mean output into the down projection's bias.
+    * ``refit``: re-solve the down projection's kept rows and bias by least squares instead (module doc).
     """
 
     ratio: float = 0.25
@@ -54,6 +62,7 @@ class MLPOptions:
     multiple_of: int = 8
     target: budget.Target = "units"
     bias_compensation: bool = True
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -65,6 +74,8 @@ class MLPOptions:
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {self.multiple_of}")
         budget.check_options(self.target, self.allocation)
+        if self.refit and not self.bias_compensation:
+            raise ValueError("refit re-solves the bias too: it needs bias_compensation")
 
 
 @register("prune.mlp")
@@ -81,7 +92,7 @@ class PruneMLP(KilnPass):
         sublayers = find_structure(model).mlps()
         if not sublayers:
             raise KilnError("prune.mlp: the model has no MLP sublayers left")
-        inner, streams = self._statistics(model, sublayers)
+        inner, streams, grams = self._statistics(model, sublayers)
         scores = [_scores(s, inner[s.mlp.down.input]) for s in sublayers]
         removed, spent = self._allocate(model, sublayers, scores, streams)
         before = parameter_count(model)
@@ -96,18 +107,29 @@ class PruneMLP(KilnPass):
             dropped = np.array(sorted(drop), dtype=np.int64)
             keep = _edit.keep_indices(width, drop)
             down = mlp.down
-            if opts.bias_compensation:
-                w_down = _edit.weight_array(down.weight).astype(np.float64)
-                down = _edit.add_to_bias(down, inner[down.input].mean[dropped] @ w_down[dropped], names)
+            w_down = _edit.weight_array(down.weight).astype(np.float64)
+            mean = inner[down.input].mean
+            rows = w_down[keep]
+            if opts.refit:
+                try:
+                    rows, shift, errors = _refit.refit(grams[down.input], mean, w_down, keep, dropped)
+                except CalibrationError as error:
+                    raise KilnError(f"prune.mlp: MLP {index} ({down.matmul.name!r}): {error}") from error
+                layers[-1] |= errors
+                down = _edit.add_to_bias(down, shift, names)
+            elif opts.bias_compensation:
+                down = _edit.add_to_bias(down, mean[dropped] @ w_down[dropped], names)
             for projection in mlp.inner:
                 _edit.slice_projection(projection, keep, axis=1, names=names)
-            _edit.slice_projection(down, keep, axis=0, names=names)
+            dtype = _edit.weight_array(down.weight).dtype
+            _edit.replace_constant(down.matmul, 1, np.ascontiguousarray(rows.astype(dtype)), names)
         _edit.finish(model)
         self.details = {
             "importance": "activation-weighted norm: E[a_j^2] * ||W_down row j||^2",
             "allocation": opts.allocation,
             "budget": spent,
             "bias_compensation": opts.bias_compensation,
+            "refit": opts.refit,
             "widths": [layer["kept"] for layer in layers],
             "layers": layers,
             "parameters_before": before,
@@ -117,12 +139,11 @@ class PruneMLP(KilnPass):
 
     def _statistics(
         self, model: ir.Model, sublayers: list[Sublayer]
-    ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments]]:
+    ) -> tuple[dict[ir.Value, ChannelMoments], dict[ir.Value, ChannelMoments], dict[ir.Value, Gram]]:
         assert self.context.calibration is not None  # checked by requires()
-        inner = [s.mlp.down.input for s in sublayers]
+        inputs = [s.mlp.down.input for s in sublayers]
         streams = [s.residual for s in sublayers]
-        moments = channel_moments(self.context.calibration, model, [*inner, *streams])
-        return {v: moments[v] for v in inner}, {v: moments[v] for v in streams}
+        return projection_statistics(self.context.calibration, model, inputs, streams, self.options.refit)
 
     def _allocate(
         self,
