@@ -53,6 +53,7 @@ SMOLLM2 = {
     ),
     "attn-8-linear": ("prune.blocks", {"unit": "attention", "count": 8, "compensation": "linear"}),
     "bi6-comp": ("prune.blocks", {"unit": "block", "count": 6, "compensation": "mean"}),
+    "bi6-linear": ("prune.blocks", {"unit": "block", "count": 6, "compensation": "linear"}),
     "mlp8-linear": ("prune.blocks", {"unit": "mlp", "count": 8, "compensation": "linear"}),
     "mlp25": ("prune.mlp", {"ratio": 0.25}),
     "mlp25-nocomp": ("prune.mlp", {"ratio": 0.25, "bias_compensation": False}),

@@ -57,6 +57,8 @@ DECODE_SKIPS = {
     "hold 32; tools/prune_measure.py times the pruned decode graph",
     "prune-attn-half": "its linear stand-ins are fitted on whole sequences, and the decode feeds hold 32 tokens: a "
     "decode graph takes them from the pruned full graph (fitted_from); tools/prune_measure.py times that graph",
+    "prune-blocks-20": "its linear stand-ins are fitted on whole sequences, and the decode feeds hold 32 tokens: a "
+    "decode graph takes them from the pruned full graph (fitted_from); tools/prune_measure.py times that graph",
     "shiftadd-w3": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
     "shiftadd-w2": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
     "shiftadd-mixed": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",

@@ -12,8 +12,8 @@ values ``x W`` have covariance ``M = W^T Cov(x) W``; with ``V_r`` its top r eige
 compensation applied to a whole sublayer) is the case ``W = 0``.
 
 A per-token map cannot mix tokens, so it stands in for the part of attention that depends on the token itself;
-the rest is lost. On SmolLM2-135M it halves the perplexity cost of dropping half of the attention sublayers
-relative to the mean stand-in.
+the rest is lost. On SmolLM2-135M (perplexity 24.2) it cuts the cost of dropping 15 of the 30 attention sublayers
+from +122% (mean stand-ins) to +40%, and of dropping 6 of the 30 blocks from +109% to +41%.
 """
 
 from __future__ import annotations

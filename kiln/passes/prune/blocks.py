@@ -77,7 +77,8 @@ class BlocksOptions:
     * ``seed``: for ``importance = "random"``.
     * ``error_feeds``: calibration batches used by ``importance = "output_error"``.
     * ``compensation``: what a dropped sublayer leaves behind: "none", "mean" (its mean output) or "linear" (a
-      fitted linear map of its input; sublayer units only); both need calibration unless ``fitted_from`` is given.
+      fitted linear map of its input; a block gets one per sublayer); both need calibration unless ``fitted_from``
+      is given.
     * ``rank``: with "linear", the stand-in's rank (0: full).
     * ``fitted_from``: with "linear", a model file pruned by this pass with the same units, whose stand-ins are
       reused instead of fitted.
@@ -118,8 +119,6 @@ class BlocksOptions:
             raise ValueError(
                 "fitted_from drops the units that model has stand-ins for (or indices): give no count or target"
             )
-        if self.compensation == "linear" and self.unit == "block":
-            raise ValueError("a linear stand-in replaces one sublayer's branch: use unit 'attention' or 'mlp'")
         if self.error_feeds < 1:
             raise ValueError(f"error_feeds must be >= 1, got {self.error_feeds}")
         if self.count < 0:
@@ -156,7 +155,7 @@ class PruneBlocks(KilnPass):
         structure = find_structure(model)
         units = _units(structure, opts.unit)
         fitted = _fitted_stand_ins(opts.fitted_from, opts.unit) if opts.fitted_from else None
-        indices = opts.indices or sorted(fitted or [])
+        indices = opts.indices or sorted({int(re.search(r"\d+", key)[0]) for key in fitted or []})
         if any(i >= len(units) for i in indices):
             raise KilnError(f"prune.blocks: indices {indices} out of range for {len(units)} {opts.unit} units")
         spent = None
@@ -168,7 +167,11 @@ class PruneBlocks(KilnPass):
             if count >= len(units):
                 raise KilnError(f"prune.blocks: cannot drop {count} of the model's {len(units)} {opts.unit} units")
         scored_with_stand_ins = opts.importance == "stand_in_influence" and not indices
-        fits = self._fit(model, {i: unit[0] for i, unit in enumerate(units)}) if scored_with_stand_ins else None
+        fits = (
+            self._fit(model, {_key(opts.unit, i, unit[0]): unit[0] for i, unit in enumerate(units)})
+            if scored_with_stand_ins
+            else None
+        )
         scores = None if indices else self._scores(model, units, fits)
         if opts.target != "units":
             order = self._order(units, scores)
@@ -182,7 +185,7 @@ class PruneBlocks(KilnPass):
         if opts.compensation == "mean":
             _compensate(model, dropped_sublayers, self.context.calibration)
         elif opts.compensation == "linear":
-            stand_ins = self._stand_ins(model, {i: units[i][0] for i in drop}, fitted, fits)
+            stand_ins = self._stand_ins(model, {_key(opts.unit, i, s): s for i in drop for s in units[i]}, fitted, fits)
         else:  # last first: a dropped sublayer's output may be the residual input of the next dropped one
             for sublayer in reversed(dropped_sublayers):
                 _bypass(model.graph, sublayer)
@@ -234,33 +237,32 @@ class PruneBlocks(KilnPass):
     def _stand_ins(
         self,
         model: ir.Model,
-        dropped: dict[int, Sublayer],
-        fitted: dict[int, list[np.ndarray]] | None,
-        fits: dict[int, _linear.StandIn] | None,
+        dropped: dict[str, Sublayer],
+        fitted: dict[str, list[np.ndarray]] | None,
+        fits: dict[str, _linear.StandIn] | None,
     ) -> list[dict[str, object]] | None:
         """Put a linear stand-in in place of each dropped sublayer (``fits`` made while scoring, or fitted here, or
         ``fitted``: read from option ``fitted_from``); return each fit's record (None when read)."""
         opts = self.options
         names = _weights.NameScope(model)
-        base = {i: _stand_in_name(opts.unit, i) for i in dropped}
         if fitted is not None:
-            for i, sublayer in dropped.items():
-                if i not in fitted:
+            for key, sublayer in dropped.items():
+                if key not in fitted:
                     raise KilnError(
-                        f"prune.blocks: {opts.fitted_from} has no linear stand-in for {opts.unit} unit {i} (it has "
+                        f"prune.blocks: {opts.fitted_from} has no linear stand-in for {key} (it has "
                         f"{sorted(fitted)}); prune that model with compensation='linear' and the same units"
                     )
-                _insert_stand_in(model, names, sublayer, base[i], fitted[i])
+                _insert_stand_in(model, names, sublayer, _stand_in_name(key), fitted[key])
             return None
         fits = fits or self._fit(model, dropped)
         records = []
-        for i, sublayer in dropped.items():
-            stand_in = fits[i]
+        for key, sublayer in dropped.items():
+            stand_in = fits[key]
             arrays = [stand_in.a, *([] if stand_in.b is None else [stand_in.b]), stand_in.bias]
-            _insert_stand_in(model, names, sublayer, base[i], arrays)
+            _insert_stand_in(model, names, sublayer, _stand_in_name(key), arrays)
             records.append(
                 {
-                    "index": i,
+                    "unit": key,
                     "error": stand_in.error,
                     "mean_error": stand_in.mean_error,
                     "parameters": stand_in.parameters,
@@ -269,33 +271,33 @@ class PruneBlocks(KilnPass):
             )
         return records
 
-    def _fit(self, model: ir.Model, sublayers: dict[int, Sublayer]) -> dict[int, _linear.StandIn]:
+    def _fit(self, model: ir.Model, sublayers: dict[str, Sublayer]) -> dict[str, _linear.StandIn]:
         """The stand-in (option ``compensation``) of each sublayer, fitted in one pass over the calibration data."""
         assert self.context.calibration is not None  # checked by requires()
         opts = self.options
-        moments = {i: _linear.CrossMoments() for i in sublayers}
+        moments = {key: _linear.CrossMoments() for key in sublayers}
         reducers: dict[str, list[Reducer]] = {}
-        for i, sublayer in sublayers.items():
-            reducers.setdefault(_first_projection(sublayer).input.name, []).append(moments[i].side("x"))
-            reducers.setdefault(sublayer.branch.name, []).append(moments[i].side("y"))
+        for key, sublayer in sublayers.items():
+            reducers.setdefault(_first_projection(sublayer).input.name, []).append(moments[key].side("x"))
+            reducers.setdefault(sublayer.branch.name, []).append(moments[key].side("y"))
         self.context.calibration.collect(model, reducers)
         fits = {}
-        for i in sublayers:
+        for key in sublayers:
             try:
-                fits[i] = _linear.fit(moments[i], opts.rank, linear=opts.compensation == "linear")
+                fits[key] = _linear.fit(moments[key], opts.rank, linear=opts.compensation == "linear")
             except CalibrationError as error:
                 raise KilnError(
-                    f"prune.blocks: {opts.unit} unit {i}: {error} (a decode graph's feeds hold one token per row: "
+                    f"prune.blocks: {key}: {error} (a decode graph's feeds hold one token per row: "
                     "prune its full graph first and pass that model as fitted_from)"
                 ) from error
         return fits
 
     def _stand_in_gaps(
-        self, model: ir.Model, units: list[tuple[Sublayer, ...]], fits: dict[int, _linear.StandIn]
+        self, model: ir.Model, units: list[tuple[Sublayer, ...]], fits: dict[str, _linear.StandIn]
     ) -> list[float]:
         """Each unit's Block Influence with its stand-in in place: the turn of the residual stream it would miss."""
         assert self.context.calibration is not None  # checked by requires()
-        gaps = {i: _linear.StandInGap(fits[i]) for i in range(len(units))}
+        gaps = {i: _linear.StandInGap(fits[_key(self.options.unit, i, unit[0])]) for i, unit in enumerate(units)}
         reducers: dict[str, list[Reducer]] = {}
         for i, (sublayer,) in enumerate(units):
             reducers.setdefault(_first_projection(sublayer).input.name, []).append(gaps[i].side("x"))
@@ -325,7 +327,7 @@ def _count_for_budget(
     for count, index in enumerate(order[:-1], start=1):  # one unit always stays
         saved += sum(_unit_cost(sublayer, target) for sublayer in units[index])
         if opts.compensation == "linear":
-            saved -= _stand_in_cost(units[index][0], target, opts.rank)
+            saved -= sum(_stand_in_cost(sublayer, target, opts.rank) for sublayer in units[index])
         if saved >= goal:
             return count, budget.record(target, opts.fraction, total, saved)
     raise KilnError(
@@ -388,21 +390,26 @@ def _reason(opts: BlocksOptions) -> str:
     return f"drawn at random with seed {opts.seed} (baseline)"
 
 
-def _stand_in_name(unit: str, index: int) -> str:
-    return f"kiln_prune.{unit}{index}.stand_in"
+def _key(unit: str, index: int, sublayer: Sublayer) -> str:
+    """A dropped sublayer's name in details and in its stand-in's initializers: "attention3", or "block3.mlp"."""
+    return f"{unit}{index}" if unit != "block" else f"block{index}.{sublayer.kind}"
 
 
-def _fitted_stand_ins(path: str, unit: str) -> dict[int, list[np.ndarray]]:
-    """The linear stand-ins in the model at ``path`` by unit index: their arrays in the order a, (b,) bias."""
-    pattern = re.compile(rf"kiln_prune\.{unit}(\d+)\.stand_in\.(a|b|bias)")
-    found: dict[int, dict[str, np.ndarray]] = {}
+def _stand_in_name(key: str) -> str:
+    return f"kiln_prune.{key}.stand_in"
+
+
+def _fitted_stand_ins(path: str, unit: str) -> dict[str, list[np.ndarray]]:
+    """The linear stand-ins in the model at ``path`` by key (:func:`_key`): their arrays in the order a, (b,) bias."""
+    pattern = re.compile(rf"kiln_prune\.({unit}\d+(?:\.attention|\.mlp)?)\.stand_in\.(a|b|bias)")
+    found: dict[str, dict[str, np.ndarray]] = {}
     for value in load(path).graph.initializers.values():
         match = pattern.fullmatch(value.name or "")
         if match and value.const_value is not None:
-            found.setdefault(int(match[1]), {})[match[2]] = value.const_value.numpy()
+            found.setdefault(match[1], {})[match[2]] = value.const_value.numpy()
     if not found:
         raise KilnError(f"prune.blocks: {path} has no linear stand-ins for {unit} units (fitted_from)")
-    return {i: [arrays[r] for r in ("a", "b", "bias") if r in arrays] for i, arrays in found.items()}
+    return {key: [arrays[r] for r in ("a", "b", "bias") if r in arrays] for key, arrays in found.items()}
 
 
 def _insert_stand_in(

@@ -103,7 +103,12 @@ def test_attention_over_one_token_is_linear_and_its_stand_in_reproduces_the_mode
     )
     assert _relative_error(run(model, _one_token(9))[0], expected) < 1e-2
     (record,) = pruned.details["stand_ins"]
-    assert record["index"] == 1 and record["tokens"] == 128 and record["error"] < 1e-4 and record["mean_error"] > 0.5
+    assert (
+        record["unit"] == "attention1"
+        and record["tokens"] == 128
+        and record["error"] < 1e-4
+        and record["mean_error"] > 0.5
+    )
     assert record["parameters"] == 32 * 32 + 32
     assert (
         parameter_count(model) == before - 4 * 32 * 32 + record["parameters"]
@@ -128,7 +133,7 @@ def test_low_rank_stand_in_and_reuse_by_fitted_from(tmp_path: Path) -> None:
     assert [d["index"] for d in reused.details["dropped"]] == [0, 2] and reused.details["stand_ins"] is None
     assert "fitted_from" in reused.details["reason"]
     np.testing.assert_array_equal(run(again, _ids(5))[0], run(model, _ids(5))[0])
-    with pytest.raises(KilnError, match=re.escape("has no linear stand-in for mlp unit 1 (it has [0, 2])")):
+    with pytest.raises(KilnError, match=re.escape("has no linear stand-in for mlp1 (it has ['mlp0', 'mlp2'])")):
         _prune(llama(tmp_path, layers=3), unit="mlp", indices=[1], compensation="linear", fitted_from=str(fitted))
     with pytest.raises(KilnError, match=re.escape("has no linear stand-ins for attention units")):
         _prune(llama(tmp_path, layers=3), unit="attention", compensation="linear", fitted_from=str(fitted))
@@ -190,9 +195,32 @@ def test_a_parameter_budget_counts_what_linear_stand_ins_add_back(tmp_path: Path
     assert dropped == {"mean": 2, "linear": 3}
 
 
+def test_a_dropped_block_gets_one_stand_in_per_sublayer(tmp_path: Path) -> None:
+    model = llama(tmp_path, layers=4)
+    calibration = CalibrationData([_ids(i) for i in range(1, 8)])  # 98 tokens
+    pruned = _prune(model, calibration, unit="block", indices=[1, 2], compensation="linear")
+    assert [r["unit"] for r in pruned.details["stand_ins"]] == [
+        "block1.attention",
+        "block1.mlp",
+        "block2.attention",
+        "block2.mlp",
+    ]
+    assert all(r["error"] < r["mean_error"] for r in pruned.details["stand_ins"])
+    structure = find_structure(model)  # the walk goes through all four stand-ins
+    assert (len(structure.attentions()), len(structure.mlps())) == (2, 2)
+    fitted = tmp_path / "fitted" / "model.onnx"
+    fitted.parent.mkdir()
+    kiln.save(model, fitted)
+    again = llama(tmp_path, layers=4)
+    reused = _prune(again, unit="block", compensation="linear", fitted_from=str(fitted))
+    assert [d["index"] for d in reused.details["dropped"]] == [1, 2]
+    np.testing.assert_array_equal(run(again, _ids(5))[0], run(model, _ids(5))[0])
+
+
 def test_linear_stand_in_refuses_too_few_tokens(tmp_path: Path) -> None:
     message = (
-        "attention unit 1: a linear stand-in for a sublayer with 32 inputs needs at least 64 calibration tokens, got 14"
+        "prune.blocks: attention1: a linear stand-in for a sublayer with 32 inputs needs at least 64 calibration "
+        "tokens, got 14"
     )
     with pytest.raises(
         KilnError, match=re.escape(message) + ".*prune its full graph first and pass that model as fitted_from"
@@ -299,7 +327,6 @@ def test_errors(tmp_path: Path) -> None:
         ({"compensation": "zero"}, "compensation must be 'none', 'mean' or 'linear'"),
         ({"rank": -1}, "rank must be >= 0"),
         ({"fitted_from": "x.onnx"}, "rank and fitted_from shape linear stand-ins: they need compensation='linear'"),
-        ({"compensation": "linear"}, "a linear stand-in replaces one sublayer's branch: use unit 'attention' or 'mlp'"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:

@@ -94,7 +94,9 @@ def test_refit_moves_removed_channels_onto_the_kept_ones_they_copy() -> None:
 
 
 def test_refit_refuses_fewer_tokens_than_twice_the_kept_channels() -> None:
-    message = "prune.mlp: MLP 0 ('l0.fc2.mm'): a least-squares refit over 48 kept channels needs at least 96 calibration"
+    message = (
+        "prune.mlp: MLP 0 ('l0.fc2.mm'): a least-squares refit over 48 kept channels needs at least 96 calibration"
+    )
     with pytest.raises(KilnError, match=re.escape(message) + ".* tokens, got 20; .*set refit = false"):
         _prune(bert(layers=1, intermediate=64), [_x(1), _x(2)], ratio=0.25, multiple_of=1, refit=True)
 
