@@ -75,9 +75,11 @@ MINILM = {
     "heads9-global": ("prune.heads", {"ratio": 0.25, "allocation": "global"}),
     "heads6-global": ("prune.heads", {"ratio": 0.5, "allocation": "global"}),
     "heads-default": ("recipe", "prune-heads"),
-    "heads-default-refit": ("prune.heads", {"ratio": 0.125, "allocation": "global", "refit": True}),
+    "heads-default-bias": ("prune.heads", {"ratio": 0.125, "allocation": "global"}),  # the recipe without refit
     "mlp25": ("prune.mlp", {"ratio": 0.25}),
     "mlp25-refit": ("prune.mlp", {"ratio": 0.25, "refit": True}),
+    "attn2-mean": ("prune.blocks", {"unit": "attention", "count": 2, "compensation": "mean"}),
+    "attn2-linear": ("prune.blocks", {"unit": "attention", "count": 2, "compensation": "linear"}),
     "heads9-err": ("prune.heads", {"ratio": 0.25, "allocation": "global", "importance": "output_error"}),
     "heads6-err": ("prune.heads", {"ratio": 0.5, "allocation": "global", "importance": "output_error"}),
     **LOWRANK,
