@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from kiln.errors import CalibrationError
-from kiln.passes.prune._stats import Joined, cosine_gap_sum
+from kiln.passes.prune._stats import CosineGap, Joined, cosine_gap_sum
 
 
 class CrossMoments(Joined):
@@ -49,7 +49,7 @@ class CrossMoments(Joined):
         self.count += x.shape[0]
 
 
-class StandInGap(Joined):
+class StandInGap(CosineGap):
     """Mean over rows (tokens) of ``1 - cos(h + y, h + stand_in(x))``: how far the stand-in turns the residual
     stream ``h`` from where the sublayer's branch ``y`` would (Block Influence, with the stand-in in place)."""
 
@@ -58,18 +58,10 @@ class StandInGap(Joined):
     def __init__(self, stand_in: StandIn) -> None:
         super().__init__()
         self.stand_in = stand_in
-        self.sum = 0.0
-        self.count = 0
 
-    def combine(self, x: np.ndarray, y: np.ndarray, h: np.ndarray) -> None:
+    def combine(self, x: np.ndarray, y: np.ndarray, h: np.ndarray) -> None:  # type: ignore[override]
         self.sum += cosine_gap_sum(h + y, h + self.stand_in(x))
         self.count += x.shape[0]
-
-    @property
-    def value(self) -> float:
-        if self.count == 0:
-            raise CalibrationError("no calibration rows reached this sublayer")
-        return self.sum / self.count
 
 
 @dataclasses.dataclass

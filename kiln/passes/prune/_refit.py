@@ -19,7 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.compiler.calibration import Gram
-from kiln.errors import CalibrationError
+from kiln.errors import CalibrationError, KilnError
+from kiln.passes import _weights
+from kiln.passes.prune import _edit
+from kiln.passes.prune.structure import Projection
 
 
 def refit(
@@ -45,3 +48,31 @@ def refit(
     scale = max(float(np.sum(w * (cov @ w))), 1e-300)
     errors = {"bias_compensation_error": bias_only / scale, "refit_error": max(bias_only - explained, 0.0) / scale}
     return w[keep] + delta, shift, errors
+
+
+def keep_rows(
+    projection: Projection,
+    keep: np.ndarray,
+    drop: np.ndarray,
+    mean: np.ndarray,
+    gram: Gram | None,
+    bias_compensation: bool,
+    names: _weights.NameScope,
+    where: str,
+) -> dict[str, float]:
+    """Keep input rows ``keep`` of ``projection``'s weight, and make up for rows ``drop``: refit (with ``gram``)
+    or fold their mean output into the bias (with ``bias_compensation``). ``mean`` is the input's per-channel mean;
+    ``where`` starts the error message. Returns the refit's residuals (empty without it)."""
+    original = _edit.weight_array(projection.weight)
+    w = original.astype(np.float64)
+    rows, errors = w[keep], {}
+    if gram is not None:
+        try:
+            rows, shift, errors = refit(gram, mean, w, keep, drop)
+        except CalibrationError as error:
+            raise KilnError(f"{where}: {error}") from error
+        projection = _edit.add_to_bias(projection, shift, names)
+    elif bias_compensation:
+        projection = _edit.add_to_bias(projection, mean[drop] @ w[drop], names)
+    _edit.replace_constant(projection.matmul, 1, np.ascontiguousarray(rows.astype(original.dtype)), names)
+    return errors

@@ -183,7 +183,7 @@ class PruneBlocks(KilnPass):
         dropped_sublayers = [sub for i in drop for sub in units[i]]
         stand_ins = None
         if opts.compensation == "mean":
-            _compensate(model, dropped_sublayers, self.context.calibration)
+            _compensate(model, dropped_sublayers, self._branch_means(model, drop, units, fits))
         elif opts.compensation == "linear":
             stand_ins = self._stand_ins(model, {_key(opts.unit, i, s): s for i in drop for s in units[i]}, fitted, fits)
         else:  # last first: a dropped sublayer's output may be the residual input of the next dropped one
@@ -215,7 +215,7 @@ class PruneBlocks(KilnPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _scores(
-        self, model: ir.Model, units: list[tuple[Sublayer, ...]], fits: dict[int, _linear.StandIn] | None
+        self, model: ir.Model, units: list[tuple[Sublayer, ...]], fits: dict[str, _linear.StandIn] | None
     ) -> list[float] | None:
         if fits is not None:  # stand_in_influence
             return self._stand_in_gaps(model, units, fits)
@@ -270,6 +270,22 @@ class PruneBlocks(KilnPass):
                 }
             )
         return records
+
+    def _branch_means(
+        self,
+        model: ir.Model,
+        drop: list[int],
+        units: list[tuple[Sublayer, ...]],
+        fits: dict[str, _linear.StandIn] | None,
+    ) -> dict[ir.Value, np.ndarray]:
+        """The mean output of each dropped sublayer's branch: the mean stand-ins fitted while scoring, if any, else
+        from one pass over the calibration data."""
+        if fits is not None:
+            return {s.branch: fits[_key(self.options.unit, i, s)].bias for i in drop for s in units[i]}
+        assert self.context.calibration is not None  # checked by requires()
+        branches = [s.branch for i in drop for s in units[i]]
+        moments = channel_moments(self.context.calibration, model, branches)
+        return {branch: moments[branch].mean for branch in branches}
 
     def _fit(self, model: ir.Model, sublayers: dict[str, Sublayer]) -> dict[str, _linear.StandIn]:
         """The stand-in (option ``compensation``) of each sublayer, fitted in one pass over the calibration data."""
@@ -435,13 +451,13 @@ def _insert_stand_in(
     sublayer.add.replace_input_with(index, nodes[-1].outputs[0])
 
 
-def _compensate(model: ir.Model, sublayers: list[Sublayer], calibration: CalibrationData) -> None:
-    """Each sublayer's residual Add reads its branch's mean over the calibration tokens instead of the branch."""
-    moments = channel_moments(calibration, model, [s.branch for s in sublayers])
+def _compensate(model: ir.Model, sublayers: list[Sublayer], means: dict[ir.Value, np.ndarray]) -> None:
+    """Each sublayer's residual Add reads its branch's mean over the calibration tokens (``means``, by branch)
+    instead of the branch."""
     names = _weights.NameScope(model)
     for sublayer in sublayers:
         branch = sublayer.branch
-        mean = moments[branch].mean.astype(_gates.NUMPY.get(branch.dtype, np.float32))
+        mean = means[branch].astype(_gates.NUMPY.get(branch.dtype, np.float32))
         constant = _weights.add_initializer(model.graph, names.fresh(f"{sublayer.add.name}.mean_branch"), mean)
         index = next(i for i, v in enumerate(sublayer.add.inputs) if v is branch)
         sublayer.add.replace_input_with(index, constant)

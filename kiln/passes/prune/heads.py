@@ -41,7 +41,7 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import CalibrationData, Gram
 from kiln.compiler.registry import register
-from kiln.errors import CalibrationError, KilnError
+from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit, _gates, _refit, budget
@@ -321,21 +321,18 @@ def _remove_heads(
     merge = attention.o.input.producer()
     if merge is not None and merge.op_type == "Reshape":
         _rewrite_shape(merge, position=-1, old=heads * d, new=kept_heads * d, names=shapes)
-    o = attention.o
-    w_o = _edit.weight_array(o.weight).astype(np.float64)
-    rows, errors = w_o[keep], {}
-    if gram is not None:
-        try:
-            rows, shift, errors = _refit.refit(gram, context.mean, w_o, keep, dropped_channels)
-        except CalibrationError as error:
-            raise KilnError(f"prune.heads: attention at Softmax {attention.softmax.name!r}: {error}") from error
-        o = _edit.add_to_bias(o, shift, names)
-    elif opts.bias_compensation:
-        o = _edit.add_to_bias(o, context.mean[dropped_channels] @ w_o[dropped_channels], names)
     for projection in sliced:
         _edit.slice_projection(projection, keep, axis=1, names=names)
-    dtype = _edit.weight_array(o.weight).dtype
-    _edit.replace_constant(o.matmul, 1, np.ascontiguousarray(rows.astype(dtype)), names)
+    errors = _refit.keep_rows(
+        attention.o,
+        keep,
+        dropped_channels,
+        context.mean,
+        gram,
+        opts.bias_compensation,
+        names,
+        f"prune.heads: attention at Softmax {attention.softmax.name!r}",
+    )
     return errors
 
 

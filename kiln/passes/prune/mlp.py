@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import Gram
 from kiln.compiler.registry import register
-from kiln.errors import CalibrationError, KilnError
+from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
 from kiln.passes.prune import _edit, _refit, budget
@@ -106,23 +106,18 @@ class PruneMLP(KilnPass):
                 continue
             dropped = np.array(sorted(drop), dtype=np.int64)
             keep = _edit.keep_indices(width, drop)
-            down = mlp.down
-            w_down = _edit.weight_array(down.weight).astype(np.float64)
-            mean = inner[down.input].mean
-            rows = w_down[keep]
-            if opts.refit:
-                try:
-                    rows, shift, errors = _refit.refit(grams[down.input], mean, w_down, keep, dropped)
-                except CalibrationError as error:
-                    raise KilnError(f"prune.mlp: MLP {index} ({down.matmul.name!r}): {error}") from error
-                layers[-1] |= errors
-                down = _edit.add_to_bias(down, shift, names)
-            elif opts.bias_compensation:
-                down = _edit.add_to_bias(down, mean[dropped] @ w_down[dropped], names)
             for projection in mlp.inner:
                 _edit.slice_projection(projection, keep, axis=1, names=names)
-            dtype = _edit.weight_array(down.weight).dtype
-            _edit.replace_constant(down.matmul, 1, np.ascontiguousarray(rows.astype(dtype)), names)
+            layers[-1] |= _refit.keep_rows(
+                mlp.down,
+                keep,
+                dropped,
+                inner[mlp.down.input].mean,
+                grams.get(mlp.down.input),
+                opts.bias_compensation,
+                names,
+                f"prune.mlp: MLP {index} ({mlp.down.matmul.name!r})",
+            )
         _edit.finish(model)
         self.details = {
             "importance": "activation-weighted norm: E[a_j^2] * ||W_down row j||^2",

@@ -460,7 +460,7 @@ def _mlp_before(stream: ir.Value, norm: Literal["pre", "post"]) -> Sublayer | No
     return None
 
 
-def _constant_add_after(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
+def _stand_in_after(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
     """What a dropped sublayer with a stand-in leaves on the stream (then normalized, post-norm): ``h + c`` with
     ``c`` a constant, or ``h + (x A (B) + b)`` with ``x`` computed from ``h`` without projections (a linear
     stand-in of ``prune.blocks``)."""
@@ -496,13 +496,13 @@ def _is_stand_in(branch: ir.Value, stream: ir.Value) -> bool:
     return not walk.projections and not walk.graph_inputs
 
 
-def _constant_add_before(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
+def _stand_in_before(stream: ir.Value, norm: Literal["pre", "post"]) -> ir.Value | None:
     node = stream.producer()
     if norm == "post" and node is not None and node.op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
         node = node.inputs[0].producer()
     if node is None or node.op_type != "Add" or not _is_default(node):
         return None
-    return next((s for s in _activations(node) if _constant_add_after(s, norm) is stream), None)
+    return next((s for s in _activations(node) if _stand_in_after(s, norm) is stream), None)
 
 
 def find_structure(model: ir.Model) -> Structure:
@@ -541,7 +541,7 @@ def find_structure(model: ir.Model) -> Structure:
     sublayers: list[Sublayer] = []
     stream = residual_of_first
     while True:
-        if (source := _constant_add_before(stream, norm)) is not None:
+        if (source := _stand_in_before(stream, norm)) is not None:
             stream = source
         elif (before := _mlp_before(stream, norm)) is not None:
             sublayers.insert(0, before)
@@ -551,7 +551,7 @@ def find_structure(model: ir.Model) -> Structure:
     stream = residual_of_first
     while True:
         sublayer = by_residual.pop(stream, None)
-        if sublayer is None and (after := _constant_add_after(stream, norm)) is not None:
+        if sublayer is None and (after := _stand_in_after(stream, norm)) is not None:
             stream = after  # a sublayer pruned with a stand-in: its mean, or a linear map
             continue
         sublayer = sublayer or _mlp_after(stream, norm)

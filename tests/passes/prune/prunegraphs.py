@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnxruntime as ort
 
 import kiln
 from kiln import testing
+from kiln.compiler.calibration import CalibrationData
 
 FLOAT = ir.DataType.FLOAT
 
@@ -127,3 +129,27 @@ def set_weight(model: ir.Model, name: str, array: np.ndarray) -> None:
 
 def weight(model: ir.Model, name: str) -> np.ndarray:
     return model.graph.initializers[name].const_value.numpy()
+
+
+def row_cosines(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``got`` with the same row of ``expected`` (e.g. sentence embeddings)."""
+    return (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+
+
+def minilm_refit_cosines(
+    path: Path, make_pass: Callable[[bool, CalibrationData], ir.passes.PassBase]
+) -> dict[bool, float]:
+    """Mean embedding cosine to the original MiniLM at ``path`` on 2 verification batches after the pass
+    ``make_pass(refit, calibration)`` (8 calibration feeds), for ``refit`` False and True."""
+    from kiln import zoo
+
+    feeds = zoo.get("minilm-l6").verification_feeds("full", limit=2)
+    reference = [run(kiln.load(path), feed)[0] for feed in feeds]
+    calibration = CalibrationData.from_zoo("minilm-l6", limit=8)
+    cosines = {}
+    for refit in (False, True):
+        model = kiln.load(path)
+        kiln.Pipeline([make_pass(refit, calibration)])(model)
+        got = [run(model, feed)[0] for feed in feeds]
+        cosines[refit] = float(np.mean([row_cosines(g, r) for g, r in zip(got, reference, strict=True)]))
+    return cosines
