@@ -42,6 +42,7 @@ FULL_BASELINES = (*baselines.DEFAULT_KINDS, "ort-gptq")
 DECODE = "smollm2-135m/decode"
 DECODE_SKIPS = {
     "gptq-w4": "same MatMulNBits format and per-token cost as rtn-w4; its accuracy is in the smollm2-135m table",
+    "awq-gptq-w4": "stored like awq-w4, same per-token cost; accuracy in the smollm2-135m table",
     "gptq-w3": "stored like rtn-w4 (4-bit MatMulNBits), same per-token cost; accuracy in the smollm2-135m table",
     "gptq-w2": "accuracy in the smollm2-135m table; per-token cost of 2-bit MatMulNBits is in the kernel table",
     "w4-eora": "accuracy in the smollm2-135m table",
@@ -209,8 +210,9 @@ PROTOCOL_TEXT = """\
   `[verify]` limits to the benchmark's metric.
 - **Calibration data.** Calibrating kiln recipes and the calibrated baselines (`ort-static`, `ort-gptq`) get the
   same calibration feeds (Sense and Sensibility, or other photo crops), never the evaluation data; the count is in
-  each table's header. A recipe with its own `[calibration] samples` (gptq-w4, gptq-w3, awq-w4, mixed-3.5: 128)
-  draws that many feeds from the same set, capped by what the set holds; the variant list gives each count.
+  each table's header. A recipe with its own `[calibration] samples` (gptq-w4, gptq-w3, awq-w4, awq-gptq-w4,
+  mixed-3.5: 128) draws that many feeds from the same set, capped by what the set holds; the variant list gives each
+  count.
 - **Bytes** are the model file plus its external data on disk.
 - **Caching.** Compiled variants live in `<kiln cache>/bench/kiln`, keyed by the model file, the recipe, the
   calibration data and kiln (its version plus a digest of its compiler, pass, recipe and target sources);

@@ -61,7 +61,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -459,14 +459,25 @@ def split_columns(q: grid.QuantizedWeight, widths: list[int]) -> list[grid.Quant
 
 
 def clip_search(
-    w: np.ndarray, gram: np.ndarray, spec: grid.GridSpec, ratios: list[float], scale_dtype: np.dtype
+    w: np.ndarray,
+    gram: np.ndarray,
+    spec: grid.GridSpec,
+    ratios: list[float],
+    scale_dtype: np.dtype,
+    independent_ends: bool = False,
 ) -> grid.QuantizedWeight:
-    """Quantize ``w`` [K, N] with, per (group, column), the range shrink ratio minimizing that group's output error.
+    """Quantize ``w`` [K, N] with, per (group, column), the range shrink minimizing that group's output error.
 
-    The grid's range ``[lo, hi]`` becomes ``r [lo, hi]`` for each ``r`` in ``ratios``; the error of a group is
-    ``d^T G_gg d`` with ``G_gg`` the group's diagonal block of ``gram`` (terms across groups are ignored, as AWQ
-    does). Codes outside the shrunk range saturate.
+    The grid's range ``[lo, hi]`` becomes ``r [lo, hi]`` for each ``r`` in ``ratios``, or, with
+    ``independent_ends`` on an asymmetric grid, ``[a lo, b hi]`` for every pair ``(a, b)`` of ratios (a group
+    whose values lean to one side wants that side clipped more). The error of a group is ``d^T G_gg d`` with
+    ``G_gg`` the group's diagonal block of ``gram`` (terms across groups are ignored, as AWQ does). Codes outside
+    the shrunk range saturate.
     """
+    if independent_ends and not spec.symmetric:
+        shrinks = [(a, b) for a in ratios for b in ratios]
+    else:
+        shrinks = [(r, r) for r in ratios]
     k, n = w.shape
     g = spec.group_len(k)
     n_groups = spec.n_groups(k)
@@ -479,8 +490,8 @@ def clip_search(
     for cols in column_chunks(k, n):
         chunk = w[:, cols]
         best = np.full((n_groups, chunk.shape[1]), np.inf)
-        for ratio in ratios:
-            s, z = grid.compute_scales(chunk * np.float32(ratio), spec, scale_dtype)
+        for shrink in shrinks:
+            s, z = grid.compute_scales(chunk, spec, scale_dtype, shrink)
             q = grid.QuantizedWeight(grid.quantize_codes(chunk, s, z, spec), s, z, spec)
             diff = np.zeros((n_groups * g, chunk.shape[1]), dtype=np.float32)
             diff[:k] = chunk - grid.dequantize(q)
@@ -575,11 +586,13 @@ def gptq(
     act_order: bool = False,
     clip_ratios: list[float] | None = None,
     scale_dtype: np.dtype | type | None = None,
+    independent_ends: bool = False,
 ) -> grid.QuantizedWeight:
     """GPTQ of ``w`` [K, N] given the Gram ``hessian`` [K, K] of its input (module docstring).
 
     With ``clip_ratios``, each group's range is chosen by :func:`clip_search` (on the group's rows when they are
-    reached, or on the original weight for act-order's static groups) instead of plain min-max. Works in float32 on
+    reached, or on the original weight for act-order's static groups; ``independent_ends`` as there) instead of
+    plain min-max. Works in float32 on
     the weight and float64 on the Hessian. ``scale_dtype`` defaults to the weight's float type.
     """
     k, n = w.shape
@@ -595,7 +608,7 @@ def gptq(
     work = np.asarray(w, dtype=np.float32)[order]
     codes = np.empty((k, n), dtype=spec.code_dtype)
     if act_order and clip_ratios:
-        static = clip_search(np.asarray(w, dtype=np.float32), hessian, spec, clip_ratios, scale_dtype)
+        static = clip_search(np.asarray(w, dtype=np.float32), hessian, spec, clip_ratios, scale_dtype, independent_ends)
         scales, zero_points = static.scales, static.zero_points
     elif act_order:
         scales, zero_points = grid.compute_scales(w, spec, scale_dtype)
@@ -620,7 +633,9 @@ def gptq(
                 if not act_order and r % group == 0:
                     rows = slice(r, min(r + group, k))
                     if clip_ratios:
-                        found = clip_search(work[rows], hessian[rows, rows], row_spec, clip_ratios, scale_dtype)
+                        found = clip_search(
+                            work[rows], hessian[rows, rows], row_spec, clip_ratios, scale_dtype, independent_ends
+                        )
                         s, z = found.scales, found.zero_points
                     else:
                         s, z = grid.compute_scales(work[rows], row_spec, scale_dtype)
@@ -647,6 +662,9 @@ class GPTQOptions(CalibratedOptions):
     * ``act_order``: quantize input features by decreasing activation energy, with static group scales.
     * ``clip``: choose each group's range by its output error among shrinks ``1, 0.95, ..., 0.55`` (AWQ-style
       clipping, :func:`clip_search`) rather than the full min-max range.
+    * ``clip_ends``: "joint" shrinks both ends of an asymmetric range by one ratio; "independent" searches the
+      low and high ends separately (100 pairs instead of 10 ratios: about 9x the clipping time). SmolLM2 at 4
+      bits, group 128, 32 calibration windows (fp32 24.22): GPTQ 26.19 joint, 26.07 independent.
     * ``stages``: split the layers, in graph order, into this many stages; each stage's statistics are collected
       with the stages before it already quantized (module docstring). Each stage costs a pass over the calibration
       data.
@@ -656,6 +674,7 @@ class GPTQOptions(CalibratedOptions):
     block_size: int = 128
     act_order: bool = True
     clip: bool = True
+    clip_ends: Literal["joint", "independent"] = "joint"
     stages: int = 1
 
     def __post_init__(self) -> None:
@@ -697,5 +716,6 @@ class GPTQ(CalibratedWeightOnly):
             act_order=opts.act_order,
             clip_ratios=CLIP_RATIOS if opts.clip else None,
             scale_dtype=scale_dtype_of(weights[0]),
+            independent_ends=opts.clip_ends == "independent",
         )
         return split_columns(q, [w.shape[1] for w in weights])

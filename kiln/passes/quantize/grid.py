@@ -143,12 +143,14 @@ def _column_slices(n: int, k: int) -> Iterator[slice]:
 
 
 def compute_scales(
-    w: np.ndarray, spec: GridSpec, scale_dtype: np.dtype | type | None = None
+    w: np.ndarray, spec: GridSpec, scale_dtype: np.dtype | type | None = None, shrink: tuple[float, float] = (1.0, 1.0)
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-group scales ``[n_groups, N]`` and zero points (uint8, or ``None`` when symmetric) of ``w`` [K, N].
 
     Scales are rounded to ``scale_dtype`` (default: float16 for a float16 weight, else float32) before zero points
-    are derived from them, so codes, scales and zero points agree with what is stored.
+    are derived from them, so codes, scales and zero points agree with what is stored. ``shrink = (a, b)`` narrows
+    each group's range to ``[a lo, b hi]`` (clipping; codes outside it saturate); a symmetric grid then takes the
+    larger in magnitude of ``a lo`` and ``b hi``. ``(r, r)`` gives exactly the grid of ``r w``.
     """
     _check_weight(w)
     scale_dtype = np.dtype(scale_dtype if scale_dtype is not None else _default_scale_dtype(w))
@@ -156,27 +158,36 @@ def compute_scales(
     n_groups = spec.n_groups(k)
     scales = np.empty((n_groups, n), dtype=scale_dtype)
     zero_points = None if spec.symmetric else np.empty((n_groups, n), dtype=np.uint8)
-    finfo = np.finfo(scale_dtype)
     for cols in _column_slices(n, k):
         grouped = _grouped(w[:, cols], spec)
-        lo = grouped.min(axis=1)
-        hi = grouped.max(axis=1)
-        if spec.symmetric:
-            extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-            scale = extreme / np.float32(-(1 << (spec.bits - 1)))
-        else:
-            lo = np.minimum(lo, np.float32(0))
-            hi = np.maximum(hi, np.float32(0))
-            scale = (hi - lo) / np.float32(spec.qmax)
-        # A float16 scale can overflow for a 2-bit range near float16's max; clamp instead of storing inf.
-        scale = np.clip(scale, finfo.min, finfo.max).astype(scale_dtype)
-        scales[:, cols] = scale
+        lo = grouped.min(axis=1) * np.float32(shrink[0])
+        hi = grouped.max(axis=1) * np.float32(shrink[1])
+        scales[:, cols], z = scales_for_range(lo, hi, spec, scale_dtype)
         if zero_points is not None:
-            s32 = scale.astype(np.float32)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                z = np.where(s32 != 0, -lo / s32, np.float32(0))
-            zero_points[:, cols] = np.clip(_round_half_up(z), 0, spec.qmax)
+            zero_points[:, cols] = z
     return scales, zero_points
+
+
+def scales_for_range(
+    lo: np.ndarray, hi: np.ndarray, spec: GridSpec, scale_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (in ``scale_dtype``) and zero points (uint8, ``None`` when symmetric) for groups spanning ``[lo, hi]``."""
+    if spec.symmetric:
+        extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        scale = extreme / np.float32(-(1 << (spec.bits - 1)))
+    else:
+        lo = np.minimum(lo, np.float32(0))
+        hi = np.maximum(hi, np.float32(0))
+        scale = (hi - lo) / np.float32(spec.qmax)
+    # A float16 scale can overflow for a 2-bit range near float16's max; clamp instead of storing inf.
+    finfo = np.finfo(scale_dtype)
+    scale = np.clip(scale, finfo.min, finfo.max).astype(scale_dtype)
+    if spec.symmetric:
+        return scale, None
+    s32 = scale.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z = np.where(s32 != 0, -lo / s32, np.float32(0))
+    return scale, np.clip(_round_half_up(z), 0, spec.qmax).astype(np.uint8)
 
 
 def quantize_codes(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, spec: GridSpec) -> np.ndarray:

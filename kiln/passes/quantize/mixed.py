@@ -224,7 +224,9 @@ class MixedPrecision(GPTQ):
         if self.options.method == "gptq":
             return self.joint(weights, hessian, self._spec(bits))
         if self.options.clip:
-            return [clip_search(w, hessian, self._spec(bits), CLIP_RATIOS, scale_dtype_of(w)) for w in weights]
+            independent = self.options.clip_ends == "independent"
+            spec = self._spec(bits)
+            return [clip_search(w, hessian, spec, CLIP_RATIOS, scale_dtype_of(w), independent) for w in weights]
         return [grid.quantize(w, self._spec(bits), scale_dtype_of(w)) for w in weights]
 
     def vector_statistics(self) -> dict[str, Callable[[], Reducer]]:

@@ -149,6 +149,29 @@ def test_quantize_codes_with_given_scales_clips() -> None:
         grid.quantize_codes(w, np.ones((1, 1), np.float32), np.zeros((1, 1), np.uint8), spec)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_equal_shrink_is_the_grid_of_the_scaled_weight(symmetric: bool) -> None:
+    spec = GridSpec(4, 32, symmetric)
+    w = np.random.default_rng(3).standard_normal((80, 6)).astype(np.float32)
+    for ratio in (1.0, 0.85, 0.55):
+        shrunk = grid.compute_scales(w, spec, shrink=(ratio, ratio))
+        scaled = grid.compute_scales(w * np.float32(ratio), spec)
+        np.testing.assert_array_equal(shrunk[0], scaled[0])
+        if not symmetric:
+            np.testing.assert_array_equal(shrunk[1], scaled[1])
+
+
+def test_shrinking_one_end_of_an_asymmetric_range() -> None:
+    spec = GridSpec(2, 0, False)
+    w = np.array([[-1.5], [0.0], [3.0]], dtype=np.float32)
+    scales, zero_points = grid.compute_scales(w, spec, shrink=(1.0, 0.5))
+    # range [-1.5, 1.5]: step 3 / 3 = 1, zero point round(1.5) = 2
+    assert scales.tolist() == [[1.0]] and zero_points.tolist() == [[2]]
+    q = grid.QuantizedWeight(grid.quantize_codes(w, scales, zero_points, spec), scales, zero_points, spec)
+    # -1.5 + 2 = 0.5 rounds half up to code 1; 3.0 saturates at code 3
+    assert grid.dequantize(q)[:, 0].tolist() == [-1.0, 0.0, 1.0]
+
+
 def test_chunked_columns_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     w = np.random.default_rng(3).standard_normal((48, 40)).astype(np.float32)
     spec = GridSpec(4, 16, False)
