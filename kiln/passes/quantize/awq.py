@@ -2,13 +2,16 @@
 
 Scale search. The matmuls reading one tensor ``A`` (Q/K/V; gate/up) share one scale per input channel::
 
-    m = E|A| per channel,   s = clamp(m^alpha, 1e-4) / sqrt(max(.) * min(.))        (AWQ's normalization)
+    m = sqrt(E[A^2]) per channel,   s = clamp(m^alpha, 1e-4) / sqrt(max(.) * min(.))   (AWQ's normalization)
     A W = (A diag(1/s)) (diag(s) W)
 
 so the quantized weight is ``diag(s) W``: channels with large activations get a finer effective grid. ``alpha``
 runs over ``{0, 1/n, ..., (n-1)/n}`` (``n = grid_points``; alpha 0 is plain RTN) and the one minimizing the group's
 calibration output error ``sum tr(D^T G D)``, ``D = W - diag(1/s) Q(diag(s) W)`` (``G`` the Gram of ``A``, see
-:mod:`kiln.passes.quantize.gptq`) wins; if no alpha beats RTN, ``s = 1``.
+:mod:`kiln.passes.quantize.gptq`) wins; if no alpha beats RTN, ``s = 1``. AWQ measures a channel by its mean
+magnitude ``E|A|`` (``magnitude="mean_abs"``); the RMS (the default, read off the Gram's diagonal, so no extra
+statistic) weighs a channel's outliers more. SmolLM2 at 4 bits, group 128, 32 calibration windows: perplexity
+27.14 with the mean magnitude, 26.94 with the RMS (fp32 24.22).
 
 With ``duo_scaling`` (AutoAWQ's default) the weights' own magnitudes enter too, ``s = m^alpha / w^(1 - alpha)``,
 ``w`` the mean over output columns of ``|W|`` relative to its (group, column) maximum: a channel whose weights are
@@ -83,12 +86,12 @@ _NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
 _NORMS_WITH_AXIS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
 
 
-def awq_scales(mean_abs: np.ndarray, alpha: float, weight_mean: np.ndarray | None = None) -> np.ndarray:
-    """AWQ's per-channel scale for activation magnitudes ``mean_abs`` and exponent ``alpha``.
+def awq_scales(magnitude: np.ndarray, alpha: float, weight_mean: np.ndarray | None = None) -> np.ndarray:
+    """AWQ's per-channel scale for activation magnitudes ``magnitude`` and exponent ``alpha``.
 
     ``weight_mean`` (duo scaling, module docstring) divides by the weights' relative magnitudes to ``1 - alpha``.
     """
-    s = np.power(np.asarray(mean_abs, dtype=np.float64), alpha)
+    s = np.power(np.asarray(magnitude, dtype=np.float64), alpha)
     if weight_mean is not None:
         s = s / (np.power(np.asarray(weight_mean, dtype=np.float64), 1.0 - alpha) + 1e-4)
     s = np.maximum(s, 1e-4)
@@ -235,6 +238,7 @@ class AWQOptions(GPTQOptions):
     """Options of ``quantize.awq``, on top of ``quantize.rtn``'s (and ``quantize.gptq``'s, for ``method="gptq"``).
 
     * ``grid_points``: alphas searched for the scale.
+    * ``magnitude``: a channel's activation magnitude, "rms" or AWQ's "mean_abs" (module docstring).
     * ``duo_scaling``: the scale also divides by the weights' relative magnitudes (module docstring).
     * ``clip``: search a range shrink per (group, column).
     * ``clip_ends``: as in ``quantize.gptq``, but "independent" by default here (module docstring).
@@ -246,6 +250,7 @@ class AWQOptions(GPTQOptions):
     clip: bool = True
     clip_ends: Literal["joint", "independent"] = "independent"
     grid_points: int = 20
+    magnitude: Literal["mean_abs", "rms"] = "rms"
     duo_scaling: bool = False
     insert_mul: bool = True
     method: Literal["rtn", "gptq"] = "rtn"
@@ -269,7 +274,8 @@ class AWQ(CalibratedWeightOnly):
     Options = AWQOptions
 
     def vector_statistics(self) -> dict[str, Callable[[], Reducer]]:
-        return super().vector_statistics() | {"mean_abs": lambda: ChannelMean(absolute=True)}
+        extra = {"mean_abs": lambda: ChannelMean(absolute=True)} if self.options.magnitude == "mean_abs" else {}
+        return super().vector_statistics() | extra
 
     def prepare(self, model: ir.Model, groups: list[Group]) -> None:
         self._input_scale: dict[tuple[str, ...], np.ndarray] = {}
@@ -315,7 +321,10 @@ class AWQ(CalibratedWeightOnly):
         opts = self.options
         spec = opts.spec
         hessian = self.hessian(group)
-        mean_abs = self.stats.get(group.inputs[0], "mean_abs")
+        if opts.magnitude == "mean_abs":
+            magnitude = self.stats.get(group.inputs[0], "mean_abs")
+        else:
+            magnitude = np.sqrt(np.maximum(np.diag(hessian), 0.0))
         weights = [load_weight(key) for key in group.members]
         dtype = scale_dtype_of(weights[0])
         w = np.concatenate([np.asarray(x, dtype=np.float32) for x in weights], axis=1)
@@ -336,7 +345,7 @@ class AWQ(CalibratedWeightOnly):
             alpha = i / opts.grid_points
             if alpha == 0 and weight_mean is None:
                 continue  # scale 1: RTN, measured above
-            s = awq_scales(mean_abs, alpha, weight_mean)
+            s = awq_scales(magnitude, alpha, weight_mean)
             error = loss(s)
             if error < best[0]:
                 best = (error, alpha, s)

@@ -166,15 +166,19 @@ def test_plans_and_float_exactness(norm: str) -> None:
         np.testing.assert_allclose(y, expected[name], rtol=1e-4, atol=1e-4 * np.abs(expected[name]).max())
 
 
-def test_pass_folds_the_searched_scale_as_the_formula_says() -> None:
+@pytest.mark.parametrize("magnitude", ["rms", "mean_abs"])
+def test_pass_folds_the_searched_scale_as_the_formula_says(magnitude: str) -> None:
+    def channel_magnitude(x: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.square(x).mean(axis=0)) if magnitude == "rms" else np.abs(x).mean(axis=0)
+
     feeds = _feeds()
     model = _block()
-    details = _quantize(model, "quantize.awq", feeds, bits=4).details
+    details = _quantize(model, "quantize.awq", feeds, bits=4, magnitude=magnitude).details
     layers = details["layers"]
     a = np.concatenate([f["x"] for f in feeds]) * _block().graph.initializers["gamma"].const_value.numpy()
     alpha = layers["q_proj"]["alpha"]
     assert {layers[n]["alpha"] for n in ("k_proj", "v_proj", "gate_proj", "up_proj")} == {alpha}
-    s = awq.awq_scales(np.abs(a).mean(axis=0), alpha)
+    s = awq.awq_scales(channel_magnitude(a), alpha)
     norm = _nodes_by_name(model)["norm"]
     gamma = _block().graph.initializers["gamma"].const_value.numpy()
     np.testing.assert_allclose(norm.inputs[1].const_value.numpy(), gamma / s, rtol=1e-5)
@@ -184,7 +188,7 @@ def test_pass_folds_the_searched_scale_as_the_formula_says() -> None:
     assert layers["o_proj"]["fold"] == "inserted Mul"
     inserted = next(node for node in model.graph if node.op_type == "Mul" and node.inputs[0].name == "r")
     r = np.maximum(np.concatenate([f["x"] for f in feeds]), 0)
-    expected = 1 / awq.awq_scales(r.mean(axis=0), layers["o_proj"]["alpha"])
+    expected = 1 / awq.awq_scales(channel_magnitude(r), layers["o_proj"]["alpha"])
     np.testing.assert_allclose(inserted.inputs[1].const_value.numpy(), expected, rtol=1e-5)
     # The reported output errors are what ONNX Runtime measures on the calibration data (for the layers reading
     # float inputs: down_proj's input carries the errors of gate and up).
