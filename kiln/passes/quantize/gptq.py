@@ -665,7 +665,8 @@ class GPTQOptions(CalibratedOptions):
     * ``clip_ends``: "joint" shrinks both ends of an asymmetric range by one ratio; "independent" searches the
       low and high ends separately (100 pairs instead of 10 ratios: about 9x the clipping time). SmolLM2 at 4
       bits, group 128 (fp32 24.22): GPTQ 26.19 joint, 26.07 independent on 32 calibration windows; 25.98 and
-      25.75 on 128.
+      25.75 on 128. At 3 bits (the gptq-w3 recipe, 16 stages, 128 windows) it was worse: 31.99 joint, 32.39
+      independent; hence "joint" stays the default here.
     * ``stages``: split the layers, in graph order, into this many stages; each stage's statistics are collected
       with the stages before it already quantized (module docstring). Each stage costs a pass over the calibration
       data.
