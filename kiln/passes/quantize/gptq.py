@@ -490,8 +490,9 @@ def clip_search(
     for cols in column_chunks(k, n):
         chunk = w[:, cols]
         best = np.full((n_groups, chunk.shape[1]), np.inf)
-        for shrink in shrinks:
-            s, z = grid.compute_scales(chunk, spec, scale_dtype, shrink)
+        lo, hi = grid.group_range(chunk, spec)  # once per chunk: only the shrink changes below
+        for a, b in shrinks:
+            s, z = grid.scales_for_range(lo * np.float32(a), hi * np.float32(b), spec, scale_dtype)
             q = grid.QuantizedWeight(grid.quantize_codes(chunk, s, z, spec), s, z, spec)
             diff = np.zeros((n_groups * g, chunk.shape[1]), dtype=np.float32)
             diff[:k] = chunk - grid.dequantize(q)
@@ -592,8 +593,8 @@ def gptq(
 
     With ``clip_ratios``, each group's range is chosen by :func:`clip_search` (on the group's rows when they are
     reached, or on the original weight for act-order's static groups; ``independent_ends`` as there) instead of
-    plain min-max. Works in float32 on
-    the weight and float64 on the Hessian. ``scale_dtype`` defaults to the weight's float type.
+    plain min-max. Works in float32 on the weight and float64 on the Hessian. ``scale_dtype`` defaults to the
+    weight's float type.
     """
     k, n = w.shape
     scale_dtype = np.dtype(scale_dtype if scale_dtype is not None else scale_dtype_of(w))

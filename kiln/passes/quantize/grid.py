@@ -159,13 +159,17 @@ def compute_scales(
     scales = np.empty((n_groups, n), dtype=scale_dtype)
     zero_points = None if spec.symmetric else np.empty((n_groups, n), dtype=np.uint8)
     for cols in _column_slices(n, k):
-        grouped = _grouped(w[:, cols], spec)
-        lo = grouped.min(axis=1) * np.float32(shrink[0])
-        hi = grouped.max(axis=1) * np.float32(shrink[1])
-        scales[:, cols], z = scales_for_range(lo, hi, spec, scale_dtype)
+        lo, hi = group_range(w[:, cols], spec)
+        scales[:, cols], z = scales_for_range(lo * np.float32(shrink[0]), hi * np.float32(shrink[1]), spec, scale_dtype)
         if zero_points is not None:
             zero_points[:, cols] = z
     return scales, zero_points
+
+
+def group_range(w: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per (group, column) minimum and maximum ``[n_groups, n]`` of ``w`` [K, n]; a ragged group counts its padding."""
+    grouped = _grouped(w, spec)
+    return grouped.min(axis=1), grouped.max(axis=1)
 
 
 def scales_for_range(
