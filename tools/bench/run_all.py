@@ -40,6 +40,10 @@ FULL_BASELINES = (*baselines.DEFAULT_KINDS, "ort-gptq")
 #: properly (calibrated on whole sequences), are left out of it unless --recipes names them; so is ONNX
 #: Runtime's GPTQ (42 min per graph here, the same weights as on the full graph).
 DECODE = "smollm2-135m/decode"
+_STAND_INS_FROM_FULL_GRAPH = (
+    "its linear stand-ins are fitted on whole sequences, and the decode feeds hold 32 tokens: a decode graph takes "
+    "them from the pruned full graph (fitted_from); tools/prune_measure.py times that graph"
+)
 DECODE_SKIPS = {
     "gptq-w4": "same MatMulNBits format and per-token cost as rtn-w4; its accuracy is in the smollm2-135m table",
     "awq-gptq-w4": "stored like awq-w4, same per-token cost; accuracy in the smollm2-135m table",
@@ -56,10 +60,8 @@ DECODE_SKIPS = {
     "prune-filters-25": "no convolutions",
     "prune-mlp-25": "its down-projection refit needs two calibration tokens per kept channel, and the decode feeds "
     "hold 32; tools/prune_measure.py times the pruned decode graph",
-    "prune-attn-half": "its linear stand-ins are fitted on whole sequences, and the decode feeds hold 32 tokens: a "
-    "decode graph takes them from the pruned full graph (fitted_from); tools/prune_measure.py times that graph",
-    "prune-blocks-20": "its linear stand-ins are fitted on whole sequences, and the decode feeds hold 32 tokens: a "
-    "decode graph takes them from the pruned full graph (fitted_from); tools/prune_measure.py times that graph",
+    "prune-attn-half": _STAND_INS_FROM_FULL_GRAPH,
+    "prune-blocks-20": _STAND_INS_FROM_FULL_GRAPH,
     "shiftadd-w3": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
     "shiftadd-w2": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
     "shiftadd-mixed": "its pure-ONNX function form is not a fast path; accuracy in the smollm2-135m table",
