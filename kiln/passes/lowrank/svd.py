@@ -58,6 +58,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from kiln.compiler.registry import register
+from kiln.compiler.sequential import CrossGram, Sequential
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
@@ -107,11 +108,17 @@ class ASVDOptions(SVDOptions):
     * ``whiten``: "cov" (Cholesky of the input Gram) or "diag" (per-channel RMS of the input).
     * ``damp``: added to the Gram's diagonal, as a fraction of its mean.
     * ``stats_memory_mb``: memory for statistics while collecting; more than fit take extra calibration passes.
+    * ``sequential``: factor the matrices in graph order, each fitted to the inputs the already factored ones give
+      it, with the original layer's outputs as the target (:mod:`kiln.passes.lowrank.whiten`, sequential refit;
+      :mod:`kiln.compiler.sequential`). Ranks are still allocated from the unmodified model's statistics. Needs
+      ``whiten="cov"``; costs about two more passes over the calibration data and one ONNX Runtime session per
+      distinct layer input.
     """
 
     whiten: Literal["cov", "diag"] = "cov"
     damp: float = 0.01
     stats_memory_mb: int = 1024
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,6 +128,8 @@ class ASVDOptions(SVDOptions):
             raise ValueError(f"damp must be positive (it keeps the whitening invertible), got {self.damp}")
         if self.stats_memory_mb <= 0:
             raise ValueError(f"stats_memory_mb must be positive, got {self.stats_memory_mb}")
+        if self.sequential and self.whiten != "cov":
+            raise ValueError("sequential=True refits against the full input Gram: it needs whiten='cov'")
 
 
 @dataclasses.dataclass
@@ -216,18 +225,16 @@ class LowRankSVD(KilnPass):
                 del w
             ranks = self._ranks(matrices, curves)
             names = _weights.NameScope(model)
-            before = after = 0
             for matrix, r in zip(matrices, ranks):
-                before += matrix.k * matrix.n
                 if r is None:
-                    after += matrix.k * matrix.n
                     for site in matrix.sites:
                         self.details["skipped"][site.label] = self._dense_reason(matrix)
-                    continue
-                self._factor(matrix, r, self._whitening(matrix, stats), names)
-                after += r * (matrix.k + matrix.n)
-        self.details["params_before"] = before
-        self.details["params_after"] = after
+            chosen = [(matrix, r) for matrix, r in zip(matrices, ranks) if r is not None]
+            self._factor_all(model, chosen, stats, names)
+        self.details["params_before"] = sum(matrix.k * matrix.n for matrix in matrices)
+        self.details["params_after"] = sum(
+            matrix.k * matrix.n if r is None else r * (matrix.k + matrix.n) for matrix, r in zip(matrices, ranks)
+        )
         if opts.target == "flops":
             self.details["flops_before"] = sum(c.dense_cost or 0.0 for c in curves)
             self.details["flops_after"] = sum(
@@ -348,9 +355,30 @@ class LowRankSVD(KilnPass):
 
     # -- rewriting ---------------------------------------------------------------------------------------------
 
-    def _factor(self, matrix: Matrix, r: int, whitening: whiten.Whitening, names: _weights.NameScope) -> None:
+    def _factor_all(
+        self,
+        model: ir.Model,
+        chosen: list[tuple[Matrix, int]],
+        stats: whiten.Statistics | None,
+        names: _weights.NameScope,
+    ) -> None:
+        """Factor each matrix at its rank, all from the statistics collected on the unmodified model."""
+        for matrix, r in chosen:
+            self._factor(matrix, r, self._whitening(matrix, stats), names)
+
+    def _factor(
+        self,
+        matrix: Matrix,
+        r: int,
+        whitening: whiten.Whitening,
+        names: _weights.NameScope,
+        refit: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """Replace ``matrix`` by its rank-``r`` factors; ``refit``: ``(E[x̂^T x], E[x^T x])`` of a sequential pass,
+        whose factors approximate the refit target (:meth:`whiten.Whitening.refit`) instead of the weight."""
         w = matrix.load()
-        a, b, energy = whitening.truncated(w, r)
+        target = w if refit is None else whitening.refit(w, refit[0])
+        a, b, energy = whitening.truncated(target, r)
         dtype = np.float16 if matrix.weight.dtype == ir.DataType.FLOAT16 else np.float32
         a, b = a.astype(dtype), b.astype(dtype)
         total = float(energy.sum())
@@ -365,11 +393,22 @@ class LowRankSVD(KilnPass):
             "params_after": r * (matrix.k + matrix.n),
             "whitened": matrix.whitened,
         }
-        if whitening.gram is not None:
+        if whitening.gram is not None and refit is None:
             d = w.astype(np.float64) - a.astype(np.float64) @ b.astype(np.float64)
             signal = float(np.einsum("kn,kn->", w, whitening.gram @ w, dtype=np.float64))
             error = float(np.einsum("kn,kn->", d, whitening.gram @ d))
             layer["output_rel_error"] = math.sqrt(error / signal) if signal > 0 else 0.0
+        elif whitening.gram is not None and refit is not None:
+            # E||x W - x̂ W'||^2 = tr(W^T G_x W) - 2 tr(W^T C^T W') + tr(W'^T G W'): the error against the original
+            # layer's outputs, including what the layers before it changed.
+            cross, reference = refit
+            w64 = w.astype(np.float64)
+            new = a.astype(np.float64) @ b.astype(np.float64)
+            signal = float(np.einsum("kn,kn->", w64, reference @ w64))
+            error = signal - 2 * float(np.einsum("kn,kn->", w64, cross.T @ new))
+            error += float(np.einsum("kn,kn->", new, whitening.gram @ new))
+            layer["output_rel_error"] = math.sqrt(max(error, 0.0) / signal) if signal > 0 else 0.0
+            layer["refit"] = True
         if matrix.whitened:
             layer["calibration_rows"] = matrix.rows
         del w
@@ -456,6 +495,50 @@ class ActivationAwareSVD(LowRankSVD):
             "seconds": round(time.perf_counter() - start, 3),
         }
         return stats
+
+    def _factor_all(
+        self,
+        model: ir.Model,
+        chosen: list[tuple[Matrix, int]],
+        stats: whiten.Statistics | None,
+        names: _weights.NameScope,
+    ) -> None:
+        """With ``sequential``, walk the layer inputs in graph order (:class:`kiln.compiler.sequential.Sequential`):
+        the matrices reading one tensor are refitted from statistics of the model as factored so far. A matrix
+        that reads several tensors (a weight shared by nodes with different inputs) is factored from the
+        unmodified model's statistics, first."""
+        if not self.options.sequential:
+            super()._factor_all(model, chosen, stats, names)
+            return
+        start = time.perf_counter()
+        reference = model.clone()
+        staged = [(m, r) for m, r in chosen if len({key[0] for key in m.keys}) == 1]
+        super()._factor_all(model, [(m, r) for m, r in chosen if len({key[0] for key in m.keys}) != 1], stats, names)
+        position = {node: i for i, node in enumerate(model.graph)}
+        values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
+
+        def produced_at(matrix: Matrix) -> int:
+            producer = values[matrix.keys[0][0]].producer()
+            return -1 if producer is None else position[producer]
+
+        by_tensor: dict[str, list[tuple[Matrix, int]]] = {}
+        for matrix, r in sorted(staged, key=lambda pair: produced_at(pair[0])):
+            by_tensor.setdefault(matrix.keys[0][0], []).append((matrix, r))
+        assert self.context.calibration is not None  # checked by requires()
+        walk = Sequential(self.context.calibration, model, reference)
+        for tensor, members in by_tensor.items():
+            reducers = {
+                key: CrossGram(None if key[1] is None else key[1].rows) for matrix, _ in members for key in matrix.keys
+            }
+            walk.collect({tensor: list(reducers.values())})
+            for matrix, r in members:
+                gram, cross, ref = (sum(parts) for parts in zip(*(reducers[key].value for key in matrix.keys)))
+                whitening = whiten.Whitening("cov", gram, self.options.damp)
+                self._factor(matrix, r, whitening, names, refit=(cross, ref))
+        self.details["sequential"] = {
+            "steps": len(by_tensor),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
 
     @staticmethod
     def _keys(matrix: Matrix, main: ir.Graph) -> list[whiten.StatKey]:

@@ -26,6 +26,18 @@ Kinds of ``S``:
   the output error only for uncorrelated inputs; it needs K statistics per tensor instead of K^2.
 * ``"none"``: ``S = I``, plain SVD.
 
+Sequential refit. When earlier layers have been factored already, a layer's inputs are ``x̂``, no longer the
+original ``x``, and what should be kept is the original output ``x W``. With ``G = E[x̂^T x̂]`` and
+``C = E[x̂^T x]`` (collected side by side by :class:`kiln.compiler.sequential.CrossGram`), the damped error of a
+replacement splits as::
+
+    E ||x W - x̂ W'||^2 + λ ||W - W'||^2 = ||S (W* - W')||_F^2 + const,   S^T S = G + λ I,
+    W* = (G + λ I)^-1 (C W + λ W)
+
+so the best rank-r ``W'`` is the truncated SVD of ``S W*`` in the same metric as before (:meth:`Whitening.refit`):
+the factors absorb part of the error the earlier layers made. With ``x̂ = x`` it is exactly the plain whitened
+factorization (``C = G`` gives ``W* = W``).
+
 Statistics are collected with :class:`Moments` reducers. For a Conv the rows are the input patches its filters
 see (:class:`Patches`, im2col over the calibration batches, one sample at a time so memory holds one sample's
 patches). They are collected in memory-bounded chunks, one ONNX Runtime pass over the calibration data per chunk,
@@ -200,6 +212,7 @@ class Whitening:
             raise KilnError("calibration activations are not finite (NaN or inf); cannot whiten")
         mean = float(diagonal.mean())
         lam = damp * mean if mean > 0 else 1.0
+        self._lam = lam
         if kind == "cov":
             self.gram = moments
             try:
@@ -225,6 +238,15 @@ class Whitening:
         if self.kind == "diag":
             return u / self._scale[:, None]
         return u
+
+    def refit(self, w: np.ndarray, cross: np.ndarray) -> np.ndarray:
+        """The weight a rewritten model's inputs need to reproduce the original outputs (module docstring):
+        ``(G + λ I)^-1 (C W + λ W)``, for "cov" built from the rewritten model's Gram ``G`` and ``C = E[x̂^T x]``."""
+        if self.kind != "cov":
+            raise KilnError("a least-squares refit needs the full Gram (whiten='cov')")
+        w = np.asarray(w, dtype=np.float64)
+        rhs = cross @ w + self._lam * w
+        return np.linalg.solve(self._lower.T, np.linalg.solve(self._lower, rhs))
 
     def truncated(self, w: np.ndarray, max_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A [K, r], B [r, N], all squared singular values of ``S W``) of the rank-``max_rank`` factorization.
