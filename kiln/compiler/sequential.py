@@ -83,6 +83,8 @@ class _Model:
     def __init__(self, model: ir.Model, feeds: list[Feed]) -> None:
         self.model = model
         self.frontiers: list[Feed] = [dict(feed) for feed in feeds]
+        #: The tensors of the last step: the cut lies after their producers.
+        self.previous: list[str] = []
 
     def advance(self, tensors: Sequence[str], directory: Path) -> list[Feed]:
         """Run every feed up to the cut after the last producer of ``tensors``; the tensors' values per feed."""
@@ -93,7 +95,10 @@ class _Model:
         missing = [name for name in tensors if name not in values]
         if missing:
             raise CalibrationError(f"no tensor named {missing[0]!r} in the model")
-        cut = max((position[values[name].producer()] + 1 for name in tensors if _computed(values[name])), default=0)
+        # The cut never moves back: a tensor produced before the previous cut (a skip connection) is still cached.
+        after = [*tensors, *self.previous]
+        cut = max((position[values[name].producer()] + 1 for name in after if _computed(values[name])), default=0)
+        self.previous = list(tensors)
         known = set(self.frontiers[0])
         frontier = _frontier(order, position, cut, graph)
         wanted = list(dict.fromkeys([*frontier, *tensors]))
@@ -139,8 +144,8 @@ class Sequential:
     """Walk the calibration feeds through ``model`` in graph order (module docstring).
 
     ``model`` is the object the caller rewrites between steps; ``reference``, when given, is a copy taken before any
-    rewrite (``model.clone()``), run side by side. Each :meth:`collect` must ask for tensors produced no earlier than
-    the previous step's cut, which graph order gives.
+    rewrite (``model.clone()``), run side by side. Steps go forward in graph order: a step asking for a tensor
+    produced before the previous cut gets it only while it is still cached (read after that cut).
     """
 
     def __init__(self, calibration: CalibrationData, model: ir.Model, reference: ir.Model | None = None) -> None:
@@ -150,7 +155,7 @@ class Sequential:
         calibration.validate(model)
         self.current = _Model(model, feeds)
         self.reference = None if reference is None else _Model(reference, feeds)
-        self.segments = 0
+        self.steps = 0
 
     def collect(self, reducers: Mapping[str, Sequence[PairReducer]]) -> None:
         """Advance to the cut after the last producer of ``reducers``' tensors and feed each reducer its tensor's
@@ -159,7 +164,7 @@ class Sequential:
         with tempfile.TemporaryDirectory(prefix="kiln-sequential-") as tmp:
             current = self.current.advance(tensors, Path(tmp))
             reference = current if self.reference is None else self.reference.advance(tensors, Path(tmp))
-        self.segments += 1
+        self.steps += 1
         for ref, cur in zip(reference, current):
             for name in tensors:
                 for reducer in reducers[name]:

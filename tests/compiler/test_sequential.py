@@ -95,6 +95,10 @@ def test_a_skip_connection_stays_in_the_frontier() -> None:
     walk.collect({"m": [keep]})
     expected = np.maximum(feeds[1]["x"] @ w0.const_value.numpy(), 0) @ w1.const_value.numpy()
     np.testing.assert_allclose(keep.pairs[1][1], expected, rtol=1e-5, atol=1e-5)
+    # x was produced before both cuts; the Add still reads it, so a later step can still ask for it.
+    skip = Keep()
+    walk.collect({"x": [skip]})
+    np.testing.assert_array_equal(skip.pairs[1][1], feeds[1]["x"])
 
 
 def test_unknown_tensor_and_empty_data_are_refused() -> None:

@@ -20,6 +20,16 @@ on, so S stages cost about (S + 1) / 2 passes. SmolLM2 at 3 bits, group 128 (fp3
 calibration windows 35.65 with 1 stage, 34.87 with 6, 34.16 with 15, 34.14 with 30; with 128 windows 33.79 with 1,
 32.66 with 8, 31.99 with 16. Errors compound more at 2 bits: group 64, 8 windows, 150.6 with 1 stage, 84.2 with 16.
 
+Sequential refit (``sequential``). Stages still fit each layer to its *own* inputs. With ``sequential`` every layer
+group is quantized in graph order from the inputs ``x̂`` that the already quantized groups give it, collected by
+:class:`kiln.compiler.sequential.Sequential` side by side with the float model's ``x`` for the same rows, and the
+target is the float model's output ``x W``. With ``G = E[x̂^T x̂]``, ``C = E[x̂^T x]`` and ``H = G + λ I``::
+
+    E ||x W - x̂ W'||^2 + λ ||W - W'||^2 = tr((W* - W')^T H (W* - W')) + const,   W* = H^-1 (C W + λ W)
+
+so GPTQ runs unchanged on the refit target ``W*`` with Hessian ``H`` (the asymmetric calibration of GPTAQ, Li et
+al. 2025): each layer absorbs part of the error of the layers before it. With ``x̂ = x``, ``W* = W``.
+
 GPTQ (Frantar et al., "OPTQ"). ``H = G + lambda I`` with ``lambda = damp * mean(diag(G))``. Rows of ``W`` (input
 features) are quantized in order; after row r, the rows not yet quantized absorb its error so that the output error
 stays minimal (the Optimal Brain Surgeon update)::
@@ -68,6 +78,7 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import CalibrationData, ChannelMean, Gram, Reducer
 from kiln.compiler.registry import register
+from kiln.compiler.sequential import CrossGram, Sequential
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes.quantize import grid, pack
@@ -215,6 +226,11 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         at once (AWQ, mixed precision) keeps 1."""
         return 1
 
+    def sequential(self) -> bool:
+        """Refit each group to the original outputs from the quantized model's inputs (``GPTQOptions.sequential``);
+        a pass whose :meth:`prepare` needs every layer's statistics keeps False."""
+        return False
+
     @abc.abstractmethod
     def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
         """Quantize the [K, N] weights of a group's members (in ``group.members`` order)."""
@@ -239,6 +255,8 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         self._pending = {}
         self._results = {}
         self._corrections = {}
+        self._walk = None
+        self._refits = {}
         stages = split_stages(self._groups, self.stages())
         self._stage_of = {group.inputs: stage for stage in stages for group in stage}
         self._model = model
@@ -248,7 +266,11 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         try:
             with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
                 self.stats = Statistics(Path(tmp))
-                self._collect_stage(stages[0])
+                if self.sequential():
+                    assert self.context.calibration is not None  # checked by requires()
+                    self._walk = Sequential(self.context.calibration, model, model.clone())
+                else:
+                    self._collect_stage(stages[0])
                 self.prepare(model, self._groups)
                 prepared = self.details
                 result = super().call(model)
@@ -261,6 +283,8 @@ class CalibratedWeightOnly(WeightOnlyRTN):
                 "stages": len(stages),
                 "seconds": round(self._stats_seconds, 3),
             }
+            if self._walk is not None:
+                self.details["calibration"]["sequential_steps"] = self._walk.steps
             self._finish(model)
         finally:
             self.release()
@@ -288,6 +312,9 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         self._pending: dict[MemberKey, grid.QuantizedWeight] = {}
         self._results: dict[MemberKey, dict[str, Any]] = {}
         self._corrections: dict[tuple[MemberKey, str], np.ndarray] = {}
+        self._walk: Sequential | None = None
+        #: Per group (by its inputs), with ``sequential``: (E[x̂^T x̂], E[x̂^T x], E[x^T x]) of its input.
+        self._refits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _make_groups(self, sites: list[WeightSite]) -> list[Group]:
         inputs: dict[MemberKey, set[str]] = {}
@@ -304,8 +331,32 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         return list(groups.values())
 
     def hessian(self, group: Group) -> np.ndarray:
-        """The group's Gram ``E[x^T x]`` (summed over its input tensors when a weight reads several)."""
+        """The group's Gram ``E[x^T x]`` (summed over its input tensors when a weight reads several); with
+        ``sequential``, ``E[x̂^T x̂]`` of the inputs the quantized layers before it give."""
+        if group.inputs in self._refits:
+            return self._refits[group.inputs][0]
         return sum((self.stats.get(name, "gram") for name in group.inputs), start=np.zeros((group.k, group.k)))
+
+    def _walk_to(self, group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Advance the sequential walk to ``group``'s inputs; their summed (gram, cross, reference) moments."""
+        assert self._walk is not None
+        start = time.perf_counter()
+        reducers = {name: CrossGram() for name in group.inputs}
+        self._walk.collect({name: [reducer] for name, reducer in reducers.items()})
+        self._collected.update(group.inputs)
+        self._stats_seconds += time.perf_counter() - start
+        moments = [reducer.value for reducer in reducers.values()]
+        gram, cross, reference = (sum(parts) for parts in zip(*moments))
+        self._refits[group.inputs] = (gram, cross, reference)
+        return gram, cross, reference
+
+    def _refit(self, w: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+        """The refit target ``(G + λ I)^-1 (C W + λ W)`` (module docstring), λ as in :func:`gptq`'s damping."""
+        diagonal = np.diag(gram).copy()
+        diagonal[diagonal == 0] = 1.0
+        lam = self.options.damp * float(diagonal.mean())
+        w64 = np.asarray(w, dtype=np.float64)
+        return np.linalg.solve(gram + lam * np.eye(len(gram)), cross @ w64 + lam * w64).astype(np.float32)
 
     def quantize_weight(self, weight: np.ndarray, site: WeightSite) -> grid.QuantizedWeight:
         key = (site.weight, site.transposed)
@@ -313,16 +364,22 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         if group is None or site.node.graph is not self._main:
             return super().quantize_weight(weight, site)
         if key not in self._pending:
-            if not self._collected.issuperset(group.inputs):
-                self._collect_stage(self._stage_of[group.inputs])
             arrays = [weight if member == key else load_weight(member) for member in group.members]
+            refit = None
+            if self._walk is not None:
+                refit = self._walk_to(group)
+                targets = [self._refit(w, refit[0], refit[1]) for w in arrays]
+            else:
+                if not self._collected.issuperset(group.inputs):
+                    self._collect_stage(self._stage_of[group.inputs])
+                targets = arrays
             hessian = self.hessian(group)
             means = {}
             if self.options.bias_correction:
                 means = {name: self.stats.get(name, "mean") for name in group.inputs}
-            for member, w, result in zip(group.members, arrays, self.quantize_group(group, arrays)):
+            for member, w, result in zip(group.members, arrays, self.quantize_group(group, targets)):
                 self._pending[member] = result.q
-                self._results[member] = self._describe(w, result, hessian) | result.info
+                self._results[member] = self._describe(w, result, hessian, refit) | result.info
                 for name, mean in means.items():
                     correction = mean @ (w.astype(np.float64) - result.dequantized)
                     if result.column_scale is not None:
@@ -332,16 +389,32 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         return self._pending.pop(key)
 
     @staticmethod
-    def _describe(w: np.ndarray, result: MemberResult, hessian: np.ndarray) -> dict[str, Any]:
+    def _describe(
+        w: np.ndarray,
+        result: MemberResult,
+        hessian: np.ndarray,
+        refit: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> dict[str, Any]:
+        """Weight and output errors; with ``refit`` the output error is against the original layer's outputs on
+        the original inputs, ``E||x W - x̂ W'||^2 = tr(W^T G_x W) - 2 tr(W^T C^T W') + tr(W'^T G W')``."""
         w32 = np.asarray(w, dtype=np.float32)
         diff = w32 - result.dequantized
         norm = float(np.sqrt(np.square(w32, dtype=np.float64).sum()))
-        signal = quadratic(hessian, w32)
-        return {
+        info: dict[str, Any] = {
             "calibrated": True,
             "weight_rel_error": float(np.linalg.norm(diff) / norm) if norm else 0.0,
-            "output_rel_error": math.sqrt(quadratic(hessian, diff) / signal) if signal > 0 else 0.0,
         }
+        if refit is None:
+            signal = quadratic(hessian, w32)
+            error = quadratic(hessian, diff)
+        else:
+            gram, cross, reference = refit
+            q = np.asarray(result.dequantized, dtype=np.float64)
+            signal = quadratic(reference, w32)
+            error = signal - 2 * float(np.einsum("kn,kn->", w32, cross.T @ q, dtype=np.float64)) + quadratic(gram, q)
+            info["refit"] = True
+        info["output_rel_error"] = math.sqrt(max(error, 0.0) / signal) if signal > 0 else 0.0
+        return info
 
     def _finish(self, model: ir.Model) -> None:
         layers: dict[str, dict[str, Any]] = self.details["layers"]
@@ -671,6 +744,9 @@ class GPTQOptions(CalibratedOptions):
     * ``stages``: split the layers, in graph order, into this many stages; each stage's statistics are collected
       with the stages before it already quantized (module docstring). Each stage costs a pass over the calibration
       data.
+    * ``sequential``: instead of stages, quantize every layer group from the inputs the groups before it really
+      give, with the original outputs as the target (module docstring, "Sequential refit"); about two passes over
+      the calibration data in all (:mod:`kiln.compiler.sequential`).
     """
 
     damp: float = 0.01
@@ -679,6 +755,7 @@ class GPTQOptions(CalibratedOptions):
     clip: bool = True
     clip_ends: Literal["joint", "independent"] = "joint"
     stages: int = 1
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -688,6 +765,10 @@ class GPTQOptions(CalibratedOptions):
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.sequential and self.stages > 1:
+            raise ValueError("sequential=True takes every layer group in order: leave stages at 1")
+        if self.sequential and self.bias_correction:
+            raise ValueError("sequential=True already refits each layer to the original outputs: no bias_correction")
 
 
 @register("quantize.gptq")
@@ -701,6 +782,9 @@ class GPTQ(CalibratedWeightOnly):
 
     def stages(self) -> int:
         return self.options.stages
+
+    def sequential(self) -> bool:
+        return self.options.sequential
 
     def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
         quantized = self.joint(weights, self.hessian(group), self.options.spec)
