@@ -80,6 +80,11 @@ class CompensateOptions(GPTQOptions):
             raise ValueError(f"rank_step must be >= 1, got {self.rank_step}")
         if self.bias_correction:
             raise ValueError("bias_correction and the compensation branch both correct the quantization error")
+        if self.sequential:
+            raise ValueError(
+                "sequential=True is not available here: the branches are added after every layer is quantized, so "
+                "later layers' statistics would not see them"
+            )
 
 
 @dataclasses.dataclass

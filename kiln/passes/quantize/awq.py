@@ -261,6 +261,8 @@ class AWQOptions(GPTQOptions):
             raise ValueError(f"grid_points must be >= 1, got {self.grid_points}")
         if self.stages != 1:
             raise ValueError(f"stages must be 1 here, got {self.stages}: it needs every layer's statistics first")
+        if self.sequential:
+            raise ValueError("sequential=True is not available here: it needs every layer's statistics first")
 
 
 @register("quantize.awq")

@@ -186,6 +186,8 @@ class MixedOptions(GPTQOptions):
             raise ValueError("candidate_bits must name at least one width")
         if self.stages != 1:
             raise ValueError(f"stages must be 1 here, got {self.stages}: it needs every layer's statistics first")
+        if self.sequential:
+            raise ValueError("sequential=True is not available here: it needs every layer's statistics first")
         for bits in self.candidate_bits:
             RTNOptions(bits, self.group_size, self.symmetric, self.format, self.accuracy_level)
             if bits not in pack.STORAGE_BITS:

@@ -172,6 +172,7 @@ def test_matmul_inside_a_subgraph_is_quantized_without_a_branch() -> None:
     ("options", "message"),
     [
         ({"rank": 0}, "rank must be >= 1"),
+        ({"sequential": True}, "branches are added after every layer is quantized"),
         ({"bias_correction": True}, "both correct the quantization error"),
         ({"allocation": "greedy"}, "must be one of"),
     ],

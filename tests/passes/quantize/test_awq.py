@@ -264,6 +264,7 @@ def test_without_insert_mul_unfoldable_inputs_keep_scale_one() -> None:
         ({"grid_points": 0}, "grid_points must be >= 1"),
         ({"method": "svd"}, "must be one of 'rtn', 'gptq'"),
         ({"stages": 4}, "stages must be 1 here, got 4: it needs every layer's statistics first"),
+        ({"sequential": True}, "sequential=True is not available here"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:

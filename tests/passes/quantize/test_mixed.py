@@ -189,6 +189,7 @@ def test_bias_correction_removes_the_mean_output_error(name: str, fmt: str, gemm
         ({"group_size": 0}, "2-bit MatMulNBits needs block_size <= 256"),
         ({"sensitivity_batches": 0}, "sensitivity_batches must be >= 1"),
         ({"stages": 2}, "stages must be 1 here, got 2"),
+        ({"sequential": True}, "sequential=True is not available here"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:
