@@ -161,14 +161,24 @@ class Sequential:
         """Advance to the cut after the last producer of ``reducers``' tensors and feed each reducer its tensor's
         (reference, current) batches; without a reference both are the current model's."""
         tensors = list(reducers)
-        with tempfile.TemporaryDirectory(prefix="kiln-sequential-") as tmp:
-            current = self.current.advance(tensors, Path(tmp))
-            reference = current if self.reference is None else self.reference.advance(tensors, Path(tmp))
-        self.steps += 1
-        for ref, cur in zip(reference, current):
+        for ref, cur in self.step(tensors, tensors if self.reference is not None else ()):
+            ref = ref if self.reference is not None else cur
             for name in tensors:
                 for reducer in reducers[name]:
                     reducer.update(ref[name], cur[name])
+
+    def step(self, current: Sequence[str], reference: Sequence[str] = ()) -> list[tuple[Feed, Feed]]:
+        """Advance the rewritten model past the producers of ``current`` and the reference past those of
+        ``reference`` (each walk's cut moves on its own); per feed, the reference's values of ``reference`` and the
+        rewritten model's values of ``current``. All feeds' values are returned at once: they are held in the
+        frontier cache anyway."""
+        if reference and self.reference is None:
+            raise CalibrationError("reference tensors asked of a sequential walk without a reference model")
+        with tempfile.TemporaryDirectory(prefix="kiln-sequential-") as tmp:
+            cur = self.current.advance(list(current), Path(tmp))
+            ref = self.reference.advance(list(reference), Path(tmp)) if reference else [{} for _ in cur]
+        self.steps += 1
+        return list(zip(ref, cur))
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -33,6 +33,13 @@ What a dropped sublayer leaves behind (``compensation``):
   pass pruned before with the same units (a decode graph gets the maps fitted on its full graph: its calibration
   feeds hold one token per row, far too few for a d x d fit).
 
+With ``sequential`` the linear stand-ins are fitted one after another in graph order, each on the pruned model as
+it stands (earlier units already replaced), by :class:`kiln.compiler.sequential.Sequential` with the original
+model side by side. The target is no longer the dropped branch but what puts the residual stream back where the
+original model has it: ``h'_orig - ĥ``, the original sum after the Add minus the pruned model's residual input,
+regressed on the pruned model's branch input ``x̂``. Each stand-in thus also absorbs the drift the units dropped
+before it left in the stream.
+
 In a decode graph, an attention sublayer's KV cache goes with it: its ``past`` inputs and ``present`` outputs are
 removed from the graph's signature (shape reads of a removed ``past`` input, e.g. for the past length, are moved to
 a kept one of the same layout). Details record every unit's score, what was dropped and why, and the parameter
@@ -52,6 +59,7 @@ import onnx_ir as ir
 from kiln.compiler.calibration import CalibrationData, Feed, Reducer
 from kiln.compiler.io import load
 from kiln.compiler.registry import register
+from kiln.compiler.sequential import Sequential
 from kiln.errors import CalibrationError, KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
@@ -82,6 +90,8 @@ class BlocksOptions:
     * ``rank``: with "linear", the stand-in's rank (0: full).
     * ``fitted_from``: with "linear", a model file pruned by this pass with the same units, whose stand-ins are
       reused instead of fitted.
+    * ``sequential``: with "linear", fit the stand-ins in graph order on the pruned model, each to restore the
+      original residual stream (module docstring); about two more passes over the calibration data.
     """
 
     unit: Literal["block", "attention", "mlp"] = "block"
@@ -95,6 +105,7 @@ class BlocksOptions:
     fitted_from: str = ""
     indices: list[int] = dataclasses.field(default_factory=list)
     target: budget.Target = "units"
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "attention", "mlp"):
@@ -113,8 +124,10 @@ class BlocksOptions:
             raise ValueError(f"compensation must be 'none', 'mean' or 'linear', got {self.compensation!r}")
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
-        if self.compensation != "linear" and (self.rank or self.fitted_from):
-            raise ValueError("rank and fitted_from shape linear stand-ins: they need compensation='linear'")
+        if self.compensation != "linear" and (self.rank or self.fitted_from or self.sequential):
+            raise ValueError("rank, fitted_from and sequential shape linear stand-ins: they need compensation='linear'")
+        if self.sequential and self.fitted_from:
+            raise ValueError("sequential fits the stand-ins; fitted_from reads them: give one")
         if self.fitted_from and (self.count or self.target != "units"):
             raise ValueError(
                 "fitted_from drops the units that model has stand-ins for (or indices): give no count or target"
@@ -254,6 +267,8 @@ class PruneBlocks(KilnPass):
                     )
                 _insert_stand_in(model, names, sublayer, _stand_in_name(key), fitted[key])
             return None
+        if opts.sequential:
+            return self._sequential_stand_ins(model, dropped, names)
         fits = fits or self._fit(model, dropped)
         records = []
         for key, sublayer in dropped.items():
@@ -267,6 +282,40 @@ class PruneBlocks(KilnPass):
                     "mean_error": stand_in.mean_error,
                     "parameters": stand_in.parameters,
                     "tokens": stand_in.tokens,
+                }
+            )
+        return records
+
+    def _sequential_stand_ins(
+        self, model: ir.Model, dropped: dict[str, Sublayer], names: _weights.NameScope
+    ) -> list[dict[str, object]]:
+        """Fit and insert each stand-in in graph order, on the model pruned so far (option ``sequential``)."""
+        assert self.context.calibration is not None  # checked by requires()
+        opts = self.options
+        walk = Sequential(self.context.calibration, model, model.clone())
+        position = {node: i for i, node in enumerate(model.graph)}
+        records = []
+        for key, sublayer in sorted(dropped.items(), key=lambda item: position[item[1].add]):
+            x = _first_projection(sublayer).input.name
+            residual, after = sublayer.residual.name, sublayer.add.outputs[0].name
+            moments = _linear.CrossMoments()
+            for ref, cur in walk.step([x, residual], [after]):
+                target = ref[after] - cur[residual]
+                moments.combine(_rows(cur[x]), _rows(target))
+            try:
+                stand_in = _linear.fit(moments, opts.rank, linear=True)
+            except CalibrationError as error:
+                raise KilnError(f"prune.blocks: {key}: {error}") from error
+            arrays = [stand_in.a, *([] if stand_in.b is None else [stand_in.b]), stand_in.bias]
+            _insert_stand_in(model, names, sublayer, _stand_in_name(key), arrays)
+            records.append(
+                {
+                    "unit": key,
+                    "error": stand_in.error,
+                    "mean_error": stand_in.mean_error,
+                    "parameters": stand_in.parameters,
+                    "tokens": stand_in.tokens,
+                    "sequential": True,
                 }
             )
         return records
@@ -365,6 +414,10 @@ def _unit_cost(sublayer: Sublayer, target: budget.Target) -> float:
         k, n = projection.shape
         total += budget.cost(projection.matmul, k * n, n if projection.bias else 0, target)
     return total
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1, array.shape[-1]).astype(np.float64)
 
 
 def _first_projection(sublayer: Sublayer) -> Projection:

@@ -217,6 +217,40 @@ def test_a_dropped_block_gets_one_stand_in_per_sublayer(tmp_path: Path) -> None:
     np.testing.assert_array_equal(run(again, _ids(5))[0], run(model, _ids(5))[0])
 
 
+def test_sequential_stand_ins_restore_the_residual_stream(tmp_path: Path) -> None:
+    """In graph order, each stand-in is fitted on the pruned model to put the residual stream back. The first one
+    (nothing dropped before it) equals the one-pass fit; the second is the least-squares map that best restores
+    the stream after its Add, given the first, so on the calibration tokens its error there is the lower one."""
+    feeds = [_ids(i) for i in range(1, 12)]  # 154 tokens
+    after = find_structure(llama(tmp_path, layers=4)).attentions()[2].add.outputs[0].name
+    original = llama(tmp_path, layers=4)
+    original.graph.outputs.append(ir.convenience.create_value_mapping(original.graph)[after])
+    expected = np.concatenate([run(original, feed)[-1].reshape(-1, 32) for feed in feeds])
+    stand_ins, errors = {}, {}
+    for sequential in (False, True):
+        model = llama(tmp_path, layers=4)
+        pass_ = _prune(
+            model,
+            CalibrationData(feeds),
+            unit="attention",
+            indices=[1, 2],
+            compensation="linear",
+            sequential=sequential,
+        )
+        assert [r.get("sequential", False) for r in pass_.details["stand_ins"]] == [sequential] * 2
+        stand_ins[sequential] = {
+            n: v.const_value.numpy() for n, v in model.graph.initializers.items() if "stand_in" in n
+        }
+        model.graph.outputs.append(ir.convenience.create_value_mapping(model.graph)[after])
+        stream = np.concatenate([run(model, feed)[-1].reshape(-1, 32) for feed in feeds])
+        errors[sequential] = _relative_error(stream, expected)
+    first = [name for name in stand_ins[True] if "attention1" in name]
+    assert len(first) == 2  # weight and bias
+    for name in first:
+        np.testing.assert_allclose(stand_ins[True][name], stand_ins[False][name], rtol=1e-4, atol=1e-6)
+    assert errors[True] < errors[False]  # measured: 0.455 against 0.510
+
+
 def test_linear_stand_in_refuses_too_few_tokens(tmp_path: Path) -> None:
     message = (
         "prune.blocks: attention1: a linear stand-in for a sublayer with 32 inputs needs at least 64 calibration "
@@ -326,7 +360,11 @@ def test_errors(tmp_path: Path) -> None:
         ({"indices": [1, 1]}, "indices must be distinct and >= 0"),
         ({"compensation": "zero"}, "compensation must be 'none', 'mean' or 'linear'"),
         ({"rank": -1}, "rank must be >= 0"),
-        ({"fitted_from": "x.onnx"}, "rank and fitted_from shape linear stand-ins: they need compensation='linear'"),
+        (
+            {"fitted_from": "x.onnx"},
+            "rank, fitted_from and sequential shape linear stand-ins: they need compensation='linear'",
+        ),
+        ({"compensation": "linear", "sequential": True, "fitted_from": "x.onnx"}, "give one"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:
