@@ -38,7 +38,9 @@ it stands (earlier units already replaced), by :class:`kiln.compiler.sequential.
 model side by side. The target is no longer the dropped branch but what puts the residual stream back where the
 original model has it: ``h'_orig - ĥ``, the original sum after the Add minus the pruned model's residual input,
 regressed on the pruned model's branch input ``x̂``. Each stand-in thus also absorbs the drift the units dropped
-before it left in the stream.
+before it left in the stream. SmolLM2, 32 calibration windows: 6 of 30 blocks, perplexity 34.24 -> 33.14; 15 of 30
+attention sublayers (stand-in influence), 34.3 -> 34.47, no gain: what those stand-ins miss is token mixing, which
+no per-token map restores.
 
 In a decode graph, an attention sublayer's KV cache goes with it: its ``past`` inputs and ``present`` outputs are
 removed from the graph's signature (shape reads of a removed ``past`` input, e.g. for the past length, are moved to
