@@ -212,9 +212,9 @@ PROTOCOL_TEXT = """\
   `[verify]` limits to the benchmark's metric.
 - **Calibration data.** Calibrating kiln recipes and the calibrated baselines (`ort-static`, `ort-gptq`) get the
   same calibration feeds (Sense and Sensibility, or other photo crops), never the evaluation data; the count is in
-  each table's header. A recipe with its own `[calibration] samples` (awq-w4, awq-gptq-w4, mixed-3.5 and
-  prune-attn-half: 128; gptq-w4, gptq-w3, lowrank-asvd and the other pruning recipes: 32) draws that many feeds
-  from the same set, capped by what the set holds; the variant list gives each count.
+  each table's header. A recipe with its own `[calibration] samples` (gptq-w4, awq-w4, awq-gptq-w4, mixed-3.5 and
+  prune-attn-half: 128; gptq-w3, lowrank-asvd and the other pruning recipes: 32) draws that many feeds from the
+  same set, capped by what the set holds; the variant list gives each count.
 - **Bytes** are the model file plus its external data on disk.
 - **Caching.** Compiled variants live in `<kiln cache>/bench/kiln`, keyed by the model file, the recipe, the
   calibration data and kiln (its version plus a digest of its compiler, pass, recipe and target sources);

@@ -28,7 +28,9 @@ target is the float model's output ``x W``. With ``G = E[x̂^T x̂]``, ``C = E[x
     E ||x W - x̂ W'||^2 + λ ||W - W'||^2 = tr((W* - W')^T H (W* - W')) + const,   W* = H^-1 (C W + λ W)
 
 so GPTQ runs unchanged on the refit target ``W*`` with Hessian ``H`` (the asymmetric calibration of GPTAQ, Li et
-al. 2025): each layer absorbs part of the error of the layers before it. With ``x̂ = x``, ``W* = W``.
+al. 2025): each layer absorbs part of the error of the layers before it. With ``x̂ = x``, ``W* = W``. SmolLM2
+(fp32 24.22): W4 g128 25.75 -> 25.10 with 128 windows; W3 g128 31.99 (16 stages, 128 windows) -> 30.13 (32
+windows); W2 g64 on 8 windows 84.2 (16 stages) -> 89.1, too few tokens for the cross moments at 2 bits.
 
 GPTQ (Frantar et al., "OPTQ"). ``H = G + lambda I`` with ``lambda = damp * mean(diag(G))``. Rows of ``W`` (input
 features) are quantized in order; after row r, the rows not yet quantized absorb its error so that the output error
