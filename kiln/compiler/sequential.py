@@ -77,6 +77,27 @@ class CrossGram(PairReducer):
         return gram, cross, reference
 
 
+def refit_target(w: np.ndarray, gram: np.ndarray, cross: np.ndarray, lam: float) -> np.ndarray:
+    """``(G + λ I)^-1 (C W + λ W)``: the weight [K, N] that best maps a rewritten model's inputs (Gram ``G``) to the
+    original outputs (``C = E[x̂^T x]``), damped toward ``W``; in float64."""
+    w64 = np.asarray(w, dtype=np.float64)
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), cross @ w64 + lam * w64)
+
+
+def refit_error(
+    w: np.ndarray, new: np.ndarray, moments: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[float, float]:
+    """``(E||x W - x̂ W'||^2, E||x W||^2)`` from :class:`CrossGram`'s ``(G, C, G_x)``:
+    ``tr(W^T G_x W) - 2 tr(W^T C^T W') + tr(W'^T G W')``, the error against the original layer's outputs."""
+    gram, cross, reference = moments
+    w64 = np.asarray(w, dtype=np.float64)
+    new64 = np.asarray(new, dtype=np.float64)
+    signal = float(np.einsum("kn,kn->", w64, reference @ w64))
+    error = signal - 2 * float(np.einsum("kn,kn->", w64, cross.T @ new64))
+    error += float(np.einsum("kn,kn->", new64, gram @ new64))
+    return max(error, 0.0), signal
+
+
 class _Model:
     """One model's side of the walk: its graph and the frontier of every feed."""
 

@@ -58,7 +58,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from kiln.compiler.registry import register
-from kiln.compiler.sequential import CrossGram, Sequential
+from kiln.compiler.sequential import CrossGram, Sequential, refit_error
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
@@ -399,15 +399,10 @@ class LowRankSVD(KilnPass):
             error = float(np.einsum("kn,kn->", d, whitening.gram @ d))
             layer["output_rel_error"] = math.sqrt(error / signal) if signal > 0 else 0.0
         elif whitening.gram is not None and refit is not None:
-            # E||x W - x̂ W'||^2 = tr(W^T G_x W) - 2 tr(W^T C^T W') + tr(W'^T G W'): the error against the original
-            # layer's outputs, including what the layers before it changed.
-            cross, reference = refit
-            w64 = w.astype(np.float64)
+            # Against the original layer's outputs, including what the layers before it changed.
             new = a.astype(np.float64) @ b.astype(np.float64)
-            signal = float(np.einsum("kn,kn->", w64, reference @ w64))
-            error = signal - 2 * float(np.einsum("kn,kn->", w64, cross.T @ new))
-            error += float(np.einsum("kn,kn->", new, whitening.gram @ new))
-            layer["output_rel_error"] = math.sqrt(max(error, 0.0) / signal) if signal > 0 else 0.0
+            error, signal = refit_error(w, new, (whitening.gram, *refit))
+            layer["output_rel_error"] = math.sqrt(error / signal) if signal > 0 else 0.0
             layer["refit"] = True
         if matrix.whitened:
             layer["calibration_rows"] = matrix.rows

@@ -56,6 +56,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.calibration import CalibrationData, Reducer
+from kiln.compiler.sequential import refit_target
 from kiln.errors import CalibrationError, KilnError
 
 Kind = Literal["none", "diag", "cov"]
@@ -244,9 +245,8 @@ class Whitening:
         ``(G + λ I)^-1 (C W + λ W)``, for "cov" built from the rewritten model's Gram ``G`` and ``C = E[x̂^T x]``."""
         if self.kind != "cov":
             raise KilnError("a least-squares refit needs the full Gram (whiten='cov')")
-        w = np.asarray(w, dtype=np.float64)
-        rhs = cross @ w + self._lam * w
-        return np.linalg.solve(self._lower.T, np.linalg.solve(self._lower, rhs))
+        assert self.gram is not None
+        return refit_target(w, self.gram, cross, self._lam)
 
     def truncated(self, w: np.ndarray, max_rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A [K, r], B [r, N], all squared singular values of ``S W``) of the rank-``max_rank`` factorization.

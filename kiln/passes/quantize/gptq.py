@@ -80,7 +80,7 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import CalibrationData, ChannelMean, Gram, Reducer
 from kiln.compiler.registry import register
-from kiln.compiler.sequential import CrossGram, Sequential
+from kiln.compiler.sequential import CrossGram, Sequential, refit_error, refit_target
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes.quantize import grid, pack
@@ -356,9 +356,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         """The refit target ``(G + λ I)^-1 (C W + λ W)`` (module docstring), λ as in :func:`gptq`'s damping."""
         diagonal = np.diag(gram).copy()
         diagonal[diagonal == 0] = 1.0
-        lam = self.options.damp * float(diagonal.mean())
-        w64 = np.asarray(w, dtype=np.float64)
-        return np.linalg.solve(gram + lam * np.eye(len(gram)), cross @ w64 + lam * w64).astype(np.float32)
+        return refit_target(w, gram, cross, self.options.damp * float(diagonal.mean())).astype(np.float32)
 
     def quantize_weight(self, weight: np.ndarray, site: WeightSite) -> grid.QuantizedWeight:
         key = (site.weight, site.transposed)
@@ -398,7 +396,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         refit: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """Weight and output errors; with ``refit`` the output error is against the original layer's outputs on
-        the original inputs, ``E||x W - x̂ W'||^2 = tr(W^T G_x W) - 2 tr(W^T C^T W') + tr(W'^T G W')``."""
+        the original inputs (:func:`kiln.compiler.sequential.refit_error`)."""
         w32 = np.asarray(w, dtype=np.float32)
         diff = w32 - result.dequantized
         norm = float(np.sqrt(np.square(w32, dtype=np.float64).sum()))
@@ -410,10 +408,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
             signal = quadratic(hessian, w32)
             error = quadratic(hessian, diff)
         else:
-            gram, cross, reference = refit
-            q = np.asarray(result.dequantized, dtype=np.float64)
-            signal = quadratic(reference, w32)
-            error = signal - 2 * float(np.einsum("kn,kn->", w32, cross.T @ q, dtype=np.float64)) + quadratic(gram, q)
+            error, signal = refit_error(w32, result.dequantized, refit)
             info["refit"] = True
         info["output_rel_error"] = math.sqrt(max(error, 0.0) / signal) if signal > 0 else 0.0
         return info
