@@ -125,7 +125,7 @@ class _Model:
         wanted = list(dict.fromkeys([*frontier, *tensors]))
         outputs = [name for name in wanted if name not in known]
         if outputs:
-            session, inputs = self._segment(self.frontiers[0], outputs, directory)
+            session, inputs = self._segment(values, self.frontiers[0], outputs, directory)
             for cache in self.frontiers:
                 results = session.run(outputs, {name: cache[name] for name in inputs})
                 cache.update(zip(outputs, results))
@@ -136,18 +136,19 @@ class _Model:
                     del cache[name]
         return taps
 
-    def _segment(self, cached: Feed, outputs: list[str], directory: Path) -> tuple[ort.InferenceSession, list[str]]:
-        """A session for the nodes computing ``outputs`` from the ``cached`` tensors, and its input names.
+    def _segment(
+        self, values: Mapping[str, ir.Value], cached: Feed, outputs: list[str], directory: Path
+    ) -> tuple[ort.InferenceSession, list[str]]:
+        """A session for the nodes computing ``outputs`` from the ``cached`` tensors, and its input names
+        (``values``: the graph's values by name).
 
         Inputs are typed from the cached arrays (intermediate values often carry no type), outputs by shape
         inference on the segment where the graph left them untyped.
         """
         from kiln.compiler.io import save
 
-        graph = self.model.graph
-        values = _values(graph)
         needed = _needed_inputs(values, outputs, set(cached))
-        segment = ir.convenience.extract(graph, inputs=needed, outputs=outputs)
+        segment = ir.convenience.extract(self.model.graph, inputs=needed, outputs=outputs)
         for value in segment.inputs:
             array = cached[value.name]
             value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))

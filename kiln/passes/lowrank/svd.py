@@ -507,8 +507,10 @@ class ActivationAwareSVD(LowRankSVD):
             return
         start = time.perf_counter()
         reference = model.clone()
-        staged = [(m, r) for m, r in chosen if len({key[0] for key in m.keys}) == 1]
-        super()._factor_all(model, [(m, r) for m, r in chosen if len({key[0] for key in m.keys}) != 1], stats, names)
+        staged, others = [], []
+        for pair in chosen:
+            (staged if len({key[0] for key in pair[0].keys}) == 1 else others).append(pair)
+        super()._factor_all(model, others, stats, names)
         position = {node: i for i, node in enumerate(model.graph)}
         values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
 

@@ -272,21 +272,7 @@ class PruneBlocks(KilnPass):
         if opts.sequential:
             return self._sequential_stand_ins(model, dropped, names)
         fits = fits or self._fit(model, dropped)
-        records = []
-        for key, sublayer in dropped.items():
-            stand_in = fits[key]
-            arrays = [stand_in.a, *([] if stand_in.b is None else [stand_in.b]), stand_in.bias]
-            _insert_stand_in(model, names, sublayer, _stand_in_name(key), arrays)
-            records.append(
-                {
-                    "unit": key,
-                    "error": stand_in.error,
-                    "mean_error": stand_in.mean_error,
-                    "parameters": stand_in.parameters,
-                    "tokens": stand_in.tokens,
-                }
-            )
-        return records
+        return [_place_stand_in(model, names, key, sublayer, fits[key]) for key, sublayer in dropped.items()]
 
     def _sequential_stand_ins(
         self, model: ir.Model, dropped: dict[str, Sublayer], names: _weights.NameScope
@@ -308,18 +294,7 @@ class PruneBlocks(KilnPass):
                 stand_in = _linear.fit(moments, opts.rank, linear=True)
             except CalibrationError as error:
                 raise KilnError(f"prune.blocks: {key}: {error}") from error
-            arrays = [stand_in.a, *([] if stand_in.b is None else [stand_in.b]), stand_in.bias]
-            _insert_stand_in(model, names, sublayer, _stand_in_name(key), arrays)
-            records.append(
-                {
-                    "unit": key,
-                    "error": stand_in.error,
-                    "mean_error": stand_in.mean_error,
-                    "parameters": stand_in.parameters,
-                    "tokens": stand_in.tokens,
-                    "sequential": True,
-                }
-            )
+            records.append(_place_stand_in(model, names, key, sublayer, stand_in) | {"sequential": True})
         return records
 
     def _branch_means(
@@ -504,6 +479,21 @@ def _insert_stand_in(
     graph.insert_before(sublayer.add, nodes)
     index = next(i for i, v in enumerate(sublayer.add.inputs) if v is sublayer.branch)
     sublayer.add.replace_input_with(index, nodes[-1].outputs[0])
+
+
+def _place_stand_in(
+    model: ir.Model, names: _weights.NameScope, key: str, sublayer: Sublayer, stand_in: _linear.StandIn
+) -> dict[str, object]:
+    """Insert a fitted stand-in in place of ``sublayer``'s branch; its record for ``details["stand_ins"]``."""
+    arrays = [stand_in.a, *([] if stand_in.b is None else [stand_in.b]), stand_in.bias]
+    _insert_stand_in(model, names, sublayer, _stand_in_name(key), arrays)
+    return {
+        "unit": key,
+        "error": stand_in.error,
+        "mean_error": stand_in.mean_error,
+        "parameters": stand_in.parameters,
+        "tokens": stand_in.tokens,
+    }
 
 
 def _compensate(model: ir.Model, sublayers: list[Sublayer], means: dict[ir.Value, np.ndarray]) -> None:

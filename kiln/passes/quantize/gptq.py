@@ -354,9 +354,8 @@ class CalibratedWeightOnly(WeightOnlyRTN):
 
     def _refit(self, w: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
         """The refit target ``(G + λ I)^-1 (C W + λ W)`` (module docstring), λ as in :func:`gptq`'s damping."""
-        diagonal = np.diag(gram).copy()
-        diagonal[diagonal == 0] = 1.0
-        return refit_target(w, gram, cross, self.options.damp * float(diagonal.mean())).astype(np.float32)
+        _, lam = damping(gram, self.options.damp)
+        return refit_target(w, gram, cross, lam).astype(np.float32)
 
     def quantize_weight(self, weight: np.ndarray, site: WeightSite) -> grid.QuantizedWeight:
         key = (site.weight, site.transposed)
@@ -499,6 +498,13 @@ def column_chunks(k: int, n: int) -> Iterator[slice]:
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, n, step):
         yield slice(start, min(start + step, n))
+
+
+def damping(gram: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
+    """The Gram's diagonal with dead channels (0 on every row) set to 1, and ``λ = damp * mean`` of it."""
+    diagonal = np.diag(gram).copy()
+    diagonal[diagonal == 0] = 1.0
+    return diagonal, damp * float(diagonal.mean())
 
 
 def quadratic(hessian: np.ndarray, d: np.ndarray) -> float:
@@ -669,10 +675,9 @@ def gptq(
     k, n = w.shape
     scale_dtype = np.dtype(scale_dtype if scale_dtype is not None else scale_dtype_of(w))
     h = np.array(hessian, dtype=np.float64)
-    diagonal = np.diag(h).copy()
-    diagonal[diagonal == 0] = 1.0
+    diagonal, lam = damping(h, damp)
     order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
-    h[np.diag_indices(k)] = diagonal + damp * float(diagonal.mean())
+    h[np.diag_indices(k)] = diagonal + lam
     u = _upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
     del h
 
