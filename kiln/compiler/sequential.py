@@ -189,6 +189,18 @@ class Sequential:
                 for reducer in reducers[name]:
                     reducer.update(ref[name], cur[name])
 
+    def revise(self, name: str, function: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Apply ``function`` to the rewritten model's cached values of ``name``, in every feed.
+
+        For a caller that changed how an already computed tensor is produced (a scale folded into a producer that
+        lies before the cut): the nodes that made the cached values will not run again, so the cache must follow.
+        """
+        frontiers = self.current.frontiers
+        if any(name not in cache for cache in frontiers):
+            raise CalibrationError(f"tensor {name!r} is not cached at the walk's cut: nothing to revise")
+        for cache in frontiers:
+            cache[name] = function(cache[name])
+
     def step(self, current: Sequence[str], reference: Sequence[str] = ()) -> list[tuple[Feed, Feed]]:
         """Advance the rewritten model past the producers of ``current`` and the reference past those of
         ``reference`` (each walk's cut moves on its own); per feed, the reference's values of ``reference`` and the

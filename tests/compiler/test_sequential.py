@@ -72,6 +72,28 @@ def test_a_rewrite_between_steps_changes_later_tensors_of_the_current_model_only
         assert not np.allclose(reference, current)
 
 
+def test_revise_follows_a_rewrite_before_the_cut() -> None:
+    """A caller that rescales a tensor already computed (cached at the cut) revises the cache, so later steps see
+    what the rewritten model computes; the reference is untouched, and a tensor not cached is refused."""
+    model = testing.mlp([8, 16, 16, 4])
+    original = _weights(model)
+    feeds = _feeds()
+    walk = Sequential(CalibrationData(feeds), model, model.clone())
+    walk.collect({"h2": [Keep()]})
+    # Fold a factor 3 into the producer of h2 (a ReLU layer: scaling its weight and bias scales h2) ...
+    for name in ("w0", "b0"):
+        model.graph.initializers[name].const_value = ir.tensor(3 * original[name], name=name)
+    walk.revise("h2", lambda h: 3 * h)
+    keep = Keep()
+    walk.collect({"h5": [keep]})
+    changed = dict(original, w0=3 * original["w0"], b0=3 * original["b0"])
+    for feed, (reference, current) in zip(feeds, keep.pairs):
+        np.testing.assert_allclose(reference, _hidden(original, feed["x"])["h5"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(current, _hidden(changed, feed["x"])["h5"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(CalibrationError, match="tensor 'h2' is not cached at the walk's cut"):
+        walk.revise("h2", lambda h: h)
+
+
 def test_a_skip_connection_stays_in_the_frontier() -> None:
     """y = relu(x W0) W1 + x: x must be cached across the cut after relu, since the Add reads it later."""
     rng = np.random.default_rng(1)

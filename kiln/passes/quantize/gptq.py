@@ -230,7 +230,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
 
     def sequential(self) -> bool:
         """Refit each group to the original outputs from the quantized model's inputs (``GPTQOptions.sequential``);
-        a pass whose :meth:`prepare` needs every layer's statistics keeps False."""
+        a pass whose :meth:`prepare` needs every layer's statistics (mixed precision) keeps False."""
         return False
 
     @abc.abstractmethod

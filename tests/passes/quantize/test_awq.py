@@ -258,13 +258,38 @@ def test_without_insert_mul_unfoldable_inputs_keep_scale_one() -> None:
     assert not any(node.op_type == "Mul" and node.inputs[0].name == "r" for node in model.graph)
 
 
+@pytest.mark.parametrize("fmt", ["matmulnbits", "dq"])
+def test_sequential_reports_the_measured_error_and_refits_the_down_projection(fmt: str) -> None:
+    """Every fold kind during the walk (norm constant, an inserted Mul, the up projection's emitted columns): each
+    layer's reported error is its measured error against the float model, and the down projection, fitted to the
+    inputs the quantized gate/up give it, lands closer to the float output than the one-pass fit."""
+    feeds = _feeds()
+    errors = {}
+    for sequential in (False, True):
+        model = _block()
+        layers = _quantize(model, "quantize.awq", feeds, bits=3, format=fmt, sequential=sequential).details["layers"]
+        measured = _errors(model, feeds)
+        if sequential:
+            assert layers["down_proj"]["fold"] == "output columns of weight 'Wup'"
+            assert layers["o_proj"]["fold"] == "inserted Mul"
+            for layer, output in (("q_proj", "q"), ("k_proj", "k"), ("down_proj", "down"), ("o_proj", "o")):
+                assert layers[layer]["refit"] is True
+                assert "alpha" in layers[layer]
+                assert layers[layer]["output_rel_error"] == pytest.approx(measured[output], rel=1e-3)
+            assert measured["r"] == 0.0
+        errors[sequential] = measured
+    assert errors[True]["down"] < errors[False]["down"]
+    for output in ("q", "k", "v", "o"):  # inputs no earlier quantized layer changes: the one-pass fit exactly
+        assert errors[True][output] == pytest.approx(errors[False][output], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"grid_points": 0}, "grid_points must be >= 1"),
         ({"method": "svd"}, "must be one of 'rtn', 'gptq'"),
-        ({"stages": 4}, "stages must be 1 here, got 4: it needs every layer's statistics first"),
-        ({"sequential": True}, "sequential=True is not available here"),
+        ({"stages": 4}, "stages must be 1 here, got 4: use sequential=True"),
+        ({"sequential": True, "magnitude": "mean_abs"}, "sequential=True measures channels by their RMS"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str) -> None:
