@@ -309,7 +309,6 @@ class AWQ(CalibratedWeightOnly):
         self._info: dict[MemberKey, dict[str, Any]] = {}
         self._plans: dict[tuple[str, ...], tuple[Fold, ir.Value, list[ir.Node]]] = {}
         self._emitted: dict[MemberKey, ir.Value] = {}
-        self._graph = model.graph
         nodes: dict[MemberKey, list[ir.Node]] = {}
         for site in self.sites:
             if site.label in self.calibrated:
@@ -359,7 +358,7 @@ class AWQ(CalibratedWeightOnly):
         if alpha is None:
             info = {"fold": "not scaled (no scale beat RTN's on the calibration data)"}
         else:
-            apply_fold(self._graph, fold, a, consumers, s, self._names)
+            apply_fold(self._main, fold, a, consumers, s, self._names)
             info = {"fold": fold.describe(), "alpha": alpha, "search_error_vs_rtn": gain}
             self._input_scale[group.inputs] = s
             if self._walk is not None:
