@@ -8,7 +8,7 @@ or the output energy of the layer it corrects) so that layers of different magni
     err_i(r) = sum_{j > r} σ_ij^2 / E_i           cost_i(r) = r (K_i + N_i) m_i,  or  K_i N_i m_i kept dense
 
 ``m_i`` is 1 for parameters, or the number of positions the weight is applied at for FLOPs (a Conv's output
-pixels). :func:`allocate` minimizes ``sum_i err_i`` subject to ``sum_i cost_i <= budget``: a multiple-choice
+pixels). :func:`allocate` minimizes ``sum_i err_i^p`` subject to ``sum_i cost_i <= budget``: a multiple-choice
 knapsack, solved exactly by dynamic programming over the budget cut into ``2^16`` bins (each option's cost rounded
 up to whole bins, so the budget always holds and at most one bin per matrix goes unspent). Each matrix chooses among
 its ranks from ``min_rank`` to ``max_rank`` in steps of ``step`` (multiples of 8 suit matrix kernels) and, when
@@ -16,8 +16,12 @@ allowed, staying dense. A greedy walk along each matrix's convex hull is optimal
 option makes the curves non-convex (it saves the whole remaining tail at once), and between vertices greedy can
 leave a matrix far from its best rank, which the dynamic program does not.
 
-:func:`energy_rank` is the simple alternative: each matrix alone keeps the smallest rank whose kept fraction of the
-energy reaches a threshold.
+The power ``p`` says how the loss may be distributed. ``p = 1`` minimizes the total error, and readily sacrifices a
+few matrices (those with the cheapest error per parameter) to keep the rest dense; larger ``p`` spreads it
+(``p -> inf``: the smallest worst error). A model's loss is not additive in its layers' errors: a large error in
+one layer reaches every layer after it. Measured with ``lowrank.asvd`` on SmolLM2 at 20% fewer parameters (32
+calibration windows, perplexity on 16 windows, fp32 24.22): 58.85 with ``p = 1`` and 53.41 with ``p = 2``; with
+``sequential``, whose refits absorb part of the concentrated errors, 49.85 and 50.66 (no gain).
 """
 
 from __future__ import annotations
@@ -60,12 +64,12 @@ class Curve:
 _BINS = 1 << 16
 
 
-def allocate(curves: list[Curve], budget: float, step: int) -> list[int | None]:
-    """Ranks minimizing the summed error within ``budget`` (module docstring); None means kept dense."""
+def allocate(curves: list[Curve], budget: float, step: int, power: float = 1.0) -> list[int | None]:
+    """Ranks minimizing the summed error (to ``power``) within ``budget`` (module docstring); None: kept dense."""
     options = []
     for curve in curves:
         choices: list[tuple[float, float, int | None]] = [
-            (r * curve.unit_cost, curve.error(r), r) for r in curve.ranks(step)
+            (r * curve.unit_cost, curve.error(r) ** power, r) for r in curve.ranks(step)
         ]
         if curve.dense_cost is not None:
             choices.append((curve.dense_cost, 0.0, None))

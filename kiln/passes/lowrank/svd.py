@@ -78,6 +78,8 @@ class SVDOptions:
     * ``rank_step``: ranks are multiples of this (or the largest rank allowed, when that is smaller).
     * ``op_types``: which of MatMul, Gemm and Conv to factor.
     * ``exclude``: node names to leave alone (an unnamed node is ``"OpType:output_name"``, as in details).
+    * ``error_power``: the budget's allocation minimizes the sum over matrices of their relative squared error to
+      this power (:func:`rank.allocate`); above 1 it spreads the loss instead of sacrificing a few matrices.
     """
 
     target: Literal["params", "flops", "energy"] = "params"
@@ -86,6 +88,7 @@ class SVDOptions:
     rank_step: int = 8
     op_types: list[str] = dataclasses.field(default_factory=lambda: list(_OP_TYPES))
     exclude: list[str] = dataclasses.field(default_factory=list)
+    error_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.target not in ("params", "flops", "energy"):
@@ -96,6 +99,8 @@ class SVDOptions:
             raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}")
         if self.rank_step < 1:
             raise ValueError(f"rank_step must be >= 1, got {self.rank_step}")
+        if not self.error_power > 0:
+            raise ValueError(f"error_power must be positive, got {self.error_power}")
         unknown = sorted(set(self.op_types) - set(_OP_TYPES))
         if unknown:
             raise ValueError(f"op_types may contain only 'MatMul', 'Gemm' and 'Conv', got {unknown}")
@@ -343,7 +348,7 @@ class LowRankSVD(KilnPass):
             return [rank.energy_rank(curve, opts.keep, opts.rank_step) for curve in curves]
         budget = opts.keep * sum(curve.dense_cost or 0.0 for curve in curves)
         self.details["budget"] = budget
-        return rank.allocate(curves, budget, opts.rank_step)
+        return rank.allocate(curves, budget, opts.rank_step, opts.error_power)
 
     def _dense_reason(self, matrix: Matrix) -> str:
         if self.options.target == "energy":

@@ -117,25 +117,26 @@ def _curve(energy: np.ndarray, k: int, n: int, dense: bool = True, step: int = 1
     return rank.Curve(energy, float(energy.sum()), k + n, k * n if dense else None, min(step, max_rank), max_rank)
 
 
-def _brute_force(curves: list[rank.Curve], budget: float, step: int) -> float:
-    """The least summed error of any choice of ranks (or dense) within ``budget``."""
+def _brute_force(curves: list[rank.Curve], budget: float, step: int, power: float = 1.0) -> float:
+    """The least summed error (to ``power``) of any choice of ranks (or dense) within ``budget``."""
     options = [
-        [(r * c.unit_cost, c.error(r)) for r in c.ranks(step)] + ([(c.dense_cost, 0.0)] if c.dense_cost else [])
+        [(r * c.unit_cost, c.error(r) ** power) for r in c.ranks(step)]
+        + ([(c.dense_cost, 0.0)] if c.dense_cost else [])
         for c in curves
     ]
     return min(sum(e for _, e in combo) for combo in itertools.product(*options) if sum(c for c, _ in combo) <= budget)
 
 
-def _error(curves: list[rank.Curve], ranks: list[int | None]) -> float:
-    return sum(0.0 if r is None else c.error(r) for c, r in zip(curves, ranks))
+def _error(curves: list[rank.Curve], ranks: list[int | None], power: float = 1.0) -> float:
+    return sum(0.0 if r is None else c.error(r) ** power for c, r in zip(curves, ranks))
 
 
 def _cost(curves: list[rank.Curve], ranks: list[int | None]) -> float:
     return sum(c.dense_cost if r is None else r * c.unit_cost for c, r in zip(curves, ranks))  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_allocation_is_optimal(dense: bool) -> None:
+@pytest.mark.parametrize(("dense", "power"), [(False, 1.0), (True, 1.0), (True, 2.0)])
+def test_allocation_is_optimal(dense: bool, power: float) -> None:
     """Against brute force, over spectra from steep to flat, with and without the dense option."""
     curves = [
         _curve(np.exp(-np.arange(24) / scale) * size, 40, 24, dense=dense, step=4)
@@ -143,12 +144,12 @@ def test_allocation_is_optimal(dense: bool) -> None:
     ]
     total = 3 * 40 * 24
     for keep in (0.3, 0.4, 0.55, 0.7, 0.85):
-        ranks = rank.allocate(curves, keep * total, step=4)
+        ranks = rank.allocate(curves, keep * total, step=4, power=power)
         assert _cost(curves, ranks) <= keep * total
         # Costs are rounded up to 1/65536 of the budget: at most that much per matrix is lost.
         slack = 3 * keep * total / 65536
-        assert _brute_force(curves, keep * total, 4) <= _error(curves, ranks)
-        assert _error(curves, ranks) <= _brute_force(curves, keep * total - slack, 4) + 1e-12
+        assert _brute_force(curves, keep * total, 4, power) <= _error(curves, ranks, power)
+        assert _error(curves, ranks, power) <= _brute_force(curves, keep * total - slack, 4, power) + 1e-12
 
 
 def test_allocation_spends_where_the_error_drops_most() -> None:
@@ -156,6 +157,19 @@ def test_allocation_spends_where_the_error_drops_most() -> None:
     curves = [_curve(flat, 32, 32), _curve(steep, 32, 32)]
     ranks = rank.allocate(curves, 0.6 * 2 * 32 * 32, step=1)
     assert ranks[0] is None and ranks[1] is not None and ranks[1] < 16
+
+
+def test_a_higher_error_power_spreads_the_loss() -> None:
+    """Two alike matrices: the total error is least with one kept dense and the other cut deep (dense saves the whole
+    tail at once); squared errors are least with both cut alike."""
+    curves = [_curve(np.exp(-np.arange(32) / 16), 32, 32) for _ in range(2)]
+    budget = 0.75 * 2 * 32 * 32
+    total = rank.allocate(curves, budget, step=1)
+    spread = rank.allocate(curves, budget, step=1, power=2.0)
+    assert sorted(total, key=str) == [7, None]
+    assert spread == [12, 12]
+    worst = max(curves[0].error(r) for r in spread)  # type: ignore[arg-type]
+    assert worst < max(0.0 if r is None else c.error(r) for c, r in zip(curves, total))
 
 
 def test_budget_below_the_smallest_ranks_is_an_error() -> None:

@@ -383,6 +383,7 @@ def test_asvd_needs_calibration() -> None:
         ("lowrank.svd", {"keep": 0.0}, "keep must be in"),
         ("lowrank.svd", {"min_saving": 1.0}, "min_saving must be in"),
         ("lowrank.svd", {"rank_step": 0}, "rank_step must be >= 1"),
+        ("lowrank.svd", {"error_power": 0.0}, "error_power must be positive"),
         ("lowrank.svd", {"op_types": ["Add"]}, "op_types may contain only"),
         ("lowrank.svd", {"whiten": "cov"}, "has no option 'whiten'"),
         ("lowrank.asvd", {"whiten": "none"}, "must be one of"),
