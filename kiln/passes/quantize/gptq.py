@@ -564,15 +564,14 @@ def clip_search(
     scales = np.empty((n_groups, n), dtype=scale_dtype)
     zero_points = None if spec.symmetric else np.empty((n_groups, n), dtype=np.uint8)
     for cols in column_chunks(k, n):
-        chunk = w[:, cols]
-        best = np.full((n_groups, chunk.shape[1]), np.inf)
-        lo, hi = grid.group_range(chunk, spec)  # once per chunk: only the shrink changes below
+        grouped = np.zeros((n_groups * g, cols.stop - cols.start), dtype=np.float32)
+        grouped[:k] = w[:, cols]
+        grouped = grouped.reshape(n_groups, g, -1)  # the padding rows round-trip to 0: no error there
+        best = np.full((n_groups, grouped.shape[2]), np.inf)
+        lo, hi = grouped.min(axis=1), grouped.max(axis=1)  # once per chunk: only the shrink changes below
         for a, b in shrinks:
             s, z = grid.scales_for_range(lo * np.float32(a), hi * np.float32(b), spec, scale_dtype)
-            q = grid.QuantizedWeight(grid.quantize_codes(chunk, s, z, spec), s, z, spec)
-            diff = np.zeros((n_groups * g, chunk.shape[1]), dtype=np.float32)
-            diff[:k] = chunk - grid.dequantize(q)
-            diff = diff.reshape(n_groups, g, -1)
+            diff = grouped - grid.round_trip(grouped, s, z, spec)
             error = np.einsum("gin,gin->gn", diff, blocks @ diff)
             better = error < best
             best[better] = error[better]

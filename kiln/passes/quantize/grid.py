@@ -209,20 +209,35 @@ def quantize_codes(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | 
         raise ValueError("zero_points must be given exactly when the grid is asymmetric")
     codes = np.empty((k, n), dtype=spec.code_dtype)
     for cols in _column_slices(n, k):
-        grouped = _grouped(w[:, cols], spec)
-        s32 = scales[:, cols].astype(np.float32)
-        with np.errstate(divide="ignore", over="ignore"):
-            reciprocal = np.float32(1) / s32
-        # Scale 0 (an all-zero group), or so small (subnormal) that 1/s overflows: the group reconstructs to 0.
-        reciprocal[~np.isfinite(reciprocal)] = 0
-        # Rounding happens on the unsigned code, the zero point (2^(b-1) for symmetric grids) added in float32
-        # first, as MLAS does: this decides float32 near-ties the same way it does.
-        offset = np.float32(-spec.qmin) if zero_points is None else zero_points[:, None, cols].astype(np.float32)
-        q = np.clip(_round_half_up(grouped * reciprocal[:, None, :] + offset), 0, spec.qmax - spec.qmin)
+        zp = None if zero_points is None else zero_points[:, cols]
+        q, _ = _unsigned_codes(_grouped(w[:, cols], spec), scales[:, cols], zp, spec)
         if zero_points is None:
             q += spec.qmin
         codes[:, cols] = q.reshape(-1, q.shape[-1])[:k]
     return codes
+
+
+def round_trip(grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, spec: GridSpec) -> np.ndarray:
+    """Grouped values [n_groups, group_len, n] (float32) put on a grid and read back: exactly what
+    :func:`dequantize` of :func:`quantize_codes` gives, without making codes (for searches over scales)."""
+    q, offset = _unsigned_codes(grouped, scales, zero_points, spec)
+    return (q - offset) * scales.astype(np.float32)[:, None, :]
+
+
+def _unsigned_codes(
+    grouped: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, spec: GridSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unsigned codes in ``[0, qmax - qmin]`` (float32) of grouped values, and the code of 0 they are offset by."""
+    s32 = scales.astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        reciprocal = np.float32(1) / s32
+    # Scale 0 (an all-zero group), or so small (subnormal) that 1/s overflows: the group reconstructs to 0.
+    reciprocal[~np.isfinite(reciprocal)] = 0
+    # Rounding happens on the unsigned code, the zero point (2^(b-1) for symmetric grids) added in float32 first,
+    # as MLAS does: this decides float32 near-ties the same way it does.
+    offset = np.float32(-spec.qmin) if zero_points is None else zero_points[:, None, :].astype(np.float32)
+    q = np.clip(_round_half_up(grouped * reciprocal[:, None, :] + offset), 0, spec.qmax - spec.qmin)
+    return q, np.asarray(offset)
 
 
 def quantize(w: np.ndarray, spec: GridSpec, scale_dtype: np.dtype | type | None = None) -> QuantizedWeight:
