@@ -27,8 +27,20 @@ by the nodes that share the weight). Layers inside If/Loop/Scan bodies have no s
 ``quantize.rtn`` does, without a branch (``"compensated": false``). Memory holds each layer's factors up to the
 largest rank it may get until the ranks are chosen.
 
+Sequential (``sequential``, with ``allocation = "uniform"``). As in ``quantize.gptq``'s sequential mode, each
+layer group is quantized when the walk of :mod:`kiln.compiler.sequential` reaches it, from the inputs ``x̂`` the
+quantized (and compensated) layers before it give, toward the refit target ``W* = (G + λ I)^-1 (C W + λ W)``
+(``G = E[x̂^T x̂]``, ``C = E[x̂^T x]``). The branch then approximates ``E = W* - Q(W*)`` in the metric of ``G``,
+which is what the error against the *float* layer's outputs leaves to it::
+
+    E ||x W - x̂ (Q + A B)||^2 + λ ||W - Q - A B||^2 = ||S (W* - Q - A B)||_F^2 + const,   S^T S = G + λ I
+
+and it goes into the graph at once, so the layers after it are fitted to inputs that include it. Ranks must be
+known then: the "optimal" allocation, which needs every layer's residual first, is refused with ``sequential``.
+
 Details per layer, besides quantize's: ``rank``, ``branch_bytes``, ``output_rel_error`` (the quantized layer
-alone) and ``compensated_output_rel_error`` (with the branch), both exact on the calibration data (undamped).
+alone) and ``compensated_output_rel_error`` (with the branch), both exact on the calibration data (undamped; with
+``sequential``, against the float model's outputs of that layer).
 """
 
 from __future__ import annotations
@@ -41,10 +53,19 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.registry import register
+from kiln.compiler.sequential import refit_error
 from kiln.passes import _weights
 from kiln.passes.lowrank import rank, whiten
 from kiln.passes.quantize import grid
-from kiln.passes.quantize.gptq import GPTQ, GPTQOptions, Group, MemberKey, MemberResult, scale_dtype_of
+from kiln.passes.quantize.gptq import (
+    GPTQ,
+    GPTQOptions,
+    Group,
+    MemberKey,
+    MemberResult,
+    scale_dtype_of,
+)
+from kiln.passes.quantize.rtn import WeightSite, _Packed
 
 #: With allocation "optimal" a layer may get up to this many times the average rank.
 _MAX_RANK_FACTOR = 4
@@ -80,10 +101,10 @@ class CompensateOptions(GPTQOptions):
             raise ValueError(f"rank_step must be >= 1, got {self.rank_step}")
         if self.bias_correction:
             raise ValueError("bias_correction and the compensation branch both correct the quantization error")
-        if self.sequential:
+        if self.sequential and self.allocation != "uniform":
             raise ValueError(
-                "sequential=True is not available here: the branches are added after every layer is quantized, so "
-                "later layers' statistics would not see them"
+                "sequential=True adds each branch as its layer is quantized, before the ranks of the layers after it "
+                "are known: use allocation='uniform'"
             )
 
 
@@ -97,7 +118,8 @@ class _Branch:
     energy: np.ndarray
     #: ``||S W||^2``: the layer's (damped) output energy, the scale its errors are compared at.
     scale: float
-    #: Exact ``tr(D_r^T G D_r)`` for r = 0 .. width, and ``tr(W^T G W)``.
+    #: Exact ``tr(D_r^T G D_r)`` for r = 0 .. width, and ``tr(W^T G W)``; with ``sequential`` only the entry of
+    #: the rank it gets is filled: the error against the float layer's outputs (:func:`refit_error`).
     errors: np.ndarray
     signal: float
 
@@ -113,11 +135,13 @@ class Compensate(GPTQ):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._branches: dict[MemberKey, _Branch] = {}
+        self._factors: dict[MemberKey, tuple[ir.Value, ir.Value]] = {}
         return super().call(model)
 
     def release(self) -> None:
         super().release()
         self._branches = {}
+        self._factors = {}
 
     def quantize_group(self, group: Group, weights: list[np.ndarray]) -> list[MemberResult]:
         opts = self.options
@@ -129,19 +153,49 @@ class Compensate(GPTQ):
         gram = self.hessian(group)
         whitening = whiten.Whitening("cov", gram, opts.damp)
         width = opts.rank if opts.allocation == "uniform" else _MAX_RANK_FACTOR * opts.rank
+        refit = self._refits.get(group.inputs)
         for member, w, result in zip(group.members, weights, results):
             error = w.astype(np.float64) - result.dequantized
             a, b, energy = whitening.truncated(error, width)
             a, b = a.astype(w.dtype), b.astype(w.dtype)
-            self._branches[member] = _Branch(
-                a,
-                b,
-                energy,
-                float(np.square(whitening.apply(w)).sum()),
-                whiten.output_errors(gram, error, a, b),
-                float(np.einsum("kn,kn->", w, gram @ w, dtype=np.float64)),
-            )
+            if refit is None:
+                errors = whiten.output_errors(gram, error, a, b)
+                signal = float(np.einsum("kn,kn->", w, gram @ w, dtype=np.float64))
+            else:
+                # ``w`` is the refit target: the error that counts is against the original weight's outputs.
+                r = min(opts.rank, a.shape[1])
+                new = result.dequantized + a[:, :r].astype(np.float64) @ b[:r].astype(np.float64)
+                errors = np.full(a.shape[1] + 1, np.nan)
+                errors[r], signal = refit_error(self.originals[member], new, refit)
+            self._branches[member] = _Branch(a, b, energy, float(np.square(whitening.apply(w)).sum()), errors, signal)
         return results
+
+    def _rewrite(
+        self, site: WeightSite, packed: _Packed, names: _weights.NameScope, main_graph: ir.Graph, shared: bool
+    ) -> None:
+        """With ``sequential``, the branch goes in with the quantized node: the walk's next segments run it."""
+        super()._rewrite(site, packed, names, main_graph, shared)
+        key = (site.weight, site.transposed)
+        if self.sequential() and site.label in self.calibrated and key in self._branches:
+            ranks = self._ranks([key])
+            self._attach(main_graph, site, ranks[key], names)
+
+    def _attach(self, graph: ir.Graph, site: WeightSite, r: int, names: _weights.NameScope) -> None:
+        """Add ``site``'s rank-``r`` branch (its factors made once per weight)."""
+        key = (site.weight, site.transposed)
+        branch = self._branches[key]
+        if r == 0:
+            return
+        if key not in self._factors:
+            base = site.weight.name or site.label
+            self._factors[key] = (
+                _weights.add_initializer(graph, names.fresh(f"{base}_eora_a"), branch.a[:, :r].copy()),
+                _weights.add_initializer(graph, names.fresh(f"{base}_eora_b"), branch.b[:r].copy()),
+            )
+        input_name, output_name = self.calibrated[site.label]
+        values = {v.name: v for v in graph.inputs if v.name}
+        values.update((v.name, v) for node in graph for v in node.outputs if v.name)
+        self._add_branch(graph, values[input_name], values[output_name], *self._factors[key], names)
 
     def _finish(self, model: ir.Model) -> None:
         super()._finish(model)
@@ -149,10 +203,9 @@ class Compensate(GPTQ):
         sites = [site for site in self.sites if site.label in self.calibrated and site.label in layers]
         members = list(dict.fromkeys((site.weight, site.transposed) for site in sites))
         ranks = self._ranks(members)
-        values = {v.name: v for v in model.graph.inputs if v.name}
-        values.update((v.name, v) for node in model.graph for v in node.outputs if v.name)
         names = _weights.NameScope(model)
-        factors: dict[MemberKey, tuple[ir.Value, ir.Value]] = {}
+        attached = self.sequential()  # the branches went in with their layers
+        counted: set[MemberKey] = set()
         branch_bytes = 0
         errors = []
         for site in self.sites:
@@ -169,16 +222,12 @@ class Compensate(GPTQ):
             errors.append(layer["compensated_output_rel_error"])
             if r == 0:
                 continue
-            if key not in factors:
-                base = site.weight.name or site.label
-                factors[key] = (
-                    _weights.add_initializer(model.graph, names.fresh(f"{base}_eora_a"), branch.a[:, :r].copy()),
-                    _weights.add_initializer(model.graph, names.fresh(f"{base}_eora_b"), branch.b[:r].copy()),
-                )
-                branch_bytes += branch.a[:, :r].nbytes + branch.b[:r].nbytes
+            if not attached:
+                self._attach(model.graph, site, r, names)
             layer["branch_bytes"] = branch.a[:, :r].nbytes + branch.b[:r].nbytes
-            input_name, output_name = self.calibrated[site.label]
-            self._add_branch(model.graph, values[input_name], values[output_name], *factors[key], names)
+            if key not in counted:  # a shared weight's factors count once
+                counted.add(key)
+                branch_bytes += layer["branch_bytes"]
         self.details.update(rank=self.options.rank, allocation=self.options.allocation, branch_bytes=branch_bytes)
         self.details["bytes_after"] += branch_bytes
         if errors:

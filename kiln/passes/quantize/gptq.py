@@ -315,6 +315,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         self._results: dict[MemberKey, dict[str, Any]] = {}
         self._corrections: dict[tuple[MemberKey, str], np.ndarray] = {}
         self._walk: Sequential | None = None
+        self.originals: dict[MemberKey, np.ndarray] = {}
         #: Per group (by its inputs), with ``sequential``: (E[x̂^T x̂], E[x̂^T x], E[x^T x]) of its input.
         self._refits: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -373,6 +374,8 @@ class CalibratedWeightOnly(WeightOnlyRTN):
                     self._collect_stage(self._stage_of[group.inputs])
                 targets = arrays
             hessian = self.hessian(group)
+            #: The group's unmodified weights while it is quantized (``quantize_group`` gets the refit targets).
+            self.originals = dict(zip(group.members, arrays))
             means = {}
             if self.options.bias_correction:
                 means = {name: self.stats.get(name, "mean") for name in group.inputs}
@@ -385,6 +388,7 @@ class CalibratedWeightOnly(WeightOnlyRTN):
                         correction = correction * result.column_scale
                     self._corrections[member, name] = correction
             del arrays
+            self.originals = {}
         return self._pending.pop(key)
 
     @staticmethod
