@@ -172,6 +172,22 @@ def test_shrinking_one_end_of_an_asymmetric_range() -> None:
     assert grid.dequantize(q)[:, 0].tolist() == [-1.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), [(2, False), (3, False), (4, True), (8, True)])
+def test_round_trip_is_dequantize_of_the_codes(bits: int, symmetric: bool) -> None:
+    """Bit for bit, shrunk ranges (saturating codes), a ragged last group and an all-zero group included."""
+    spec = GridSpec(bits, 32, symmetric)
+    w = np.random.default_rng(bits).standard_normal((80, 7)).astype(np.float32)
+    w[:, 3] = 0
+    for shrink in ((1.0, 1.0), (0.7, 0.9)):
+        scales, zero_points = grid.compute_scales(w, spec, shrink=shrink)
+        q = grid.QuantizedWeight(grid.quantize_codes(w, scales, zero_points, spec), scales, zero_points, spec)
+        grouped = np.zeros((96, 7), dtype=np.float32)
+        grouped[:80] = w
+        back = grid.round_trip(grouped.reshape(3, 32, 7), scales, zero_points, spec).reshape(96, 7)
+        np.testing.assert_array_equal(back[:80], grid.dequantize(q))
+        assert not back[80:].any()  # zero padding reads back as 0
+
+
 def test_chunked_columns_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     w = np.random.default_rng(3).standard_normal((48, 40)).astype(np.float32)
     spec = GridSpec(4, 16, False)
