@@ -26,6 +26,11 @@ Stages (``stages``, as in ``quantize.gptq``): the weights of a stage's layers co
 while the next stage's statistics are collected (the model's own weights are restored before the rewrite), so later
 layers are fitted to the inputs the shift-add model feeds them.
 
+Sequential (``sequential``, as in ``quantize.gptq``): instead of stages, every layer group in graph order, each from
+the inputs ``x̂`` the fitted groups before it give (:mod:`kiln.compiler.sequential`), fitted to the refit target
+``W* = (G + λ I)^-1 (C W + λ W)`` with ``G = E[x̂^T x̂]``, ``C = E[x̂^T x]``: the error that counts is against the
+float model's outputs, so each layer absorbs part of what the layers before it lost.
+
 Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens;
 the LM head stays float, as the exported graph computes its weight with a Transpose at run time): perplexity 43.39
 at 3 planes in groups of 128 (44.33 without the refit, 49.41 without act-order, 42.34 in groups of 64 without the
@@ -49,10 +54,11 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import ChannelMean
 from kiln.compiler.registry import register
+from kiln.compiler.sequential import CrossGram, Sequential, refit_error, refit_target
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.quantize.gptq import Group, MemberKey, Statistics, load_weight, quadratic, split_stages
+from kiln.passes.quantize.gptq import Group, MemberKey, Statistics, damping, load_weight, quadratic, split_stages
 from kiln.passes.quantize.mixed import _ModelProbe, _scale_to_model, allocate
 from kiln.passes.quantize.rtn import RTNOptions, WeightOnlyRTN, WeightSite
 from kiln.passes.shiftadd.fit import BCQWeight, bcq_gptq
@@ -74,6 +80,7 @@ class BCQOptions:
     * ``refits``: with ``act_order``, further sweeps that refit the exponents on the rows as compensated.
     * ``stages``: collect statistics in this many stages, each on the model with the earlier stages' weights
       already fitted, as ``quantize.gptq``'s ``stages`` (not with ``average_bits``, which scores every layer first).
+    * ``sequential``: fit every layer group in graph order toward the float model's outputs (module docstring).
     * ``op_types``, ``min_elements``, ``exclude``, ``quantize_lm_head``: which nodes, as in ``quantize.rtn``.
     * ``stats_memory_mb``: memory for Grams while collecting statistics.
     """
@@ -90,6 +97,7 @@ class BCQOptions:
     refits: int = 1
     damp: float = 0.01
     stages: int = 1
+    sequential: bool = False
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     min_elements: int = 4096
     exclude: list[str] = dataclasses.field(default_factory=list)
@@ -119,6 +127,10 @@ class BCQOptions:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.stages > 1 and self.average_bits is not None:
             raise ValueError("stages must be 1 with average_bits: the allocation scores every layer first")
+        if self.sequential and (self.stages > 1 or self.average_bits is not None):
+            raise ValueError(
+                "sequential=True takes every layer group in order: leave stages at 1 and average_bits unset"
+            )
         if self.sensitivity_batches < 1:
             raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches}")
         if self.stats_memory_mb <= 0:
@@ -174,11 +186,25 @@ class ShiftAddBCQ(KilnPass):
         originals: dict[ir.Value, ir.TensorProtocol] = {}
         fitted: dict[MemberKey, tuple[BCQWeight, dict[str, Any]]] = {}
         passes = 0
+        steps = None
         try:
             with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
                 stats = Statistics(Path(tmp))
                 vectors = {"mean": ChannelMean} if opts.average_bits is not None else {}
                 assert self.context.calibration is not None  # checked by requires()
+                if opts.sequential:
+                    walk = Sequential(self.context.calibration, model, model.clone())
+                    for group in _in_graph_order(groups, model.graph):
+                        reducers = {name: CrossGram() for name in group.inputs}
+                        walk.collect({name: [reducer] for name, reducer in reducers.items()})
+                        parts = zip(*(reducer.value for reducer in reducers.values()))
+                        gram, cross, reference = (sum(part) for part in parts)
+                        results = self._fit_group(group, stats, {}, (gram, cross, reference))
+                        fitted |= results
+                        for key, (weight, _) in results.items():
+                            if key in swappable:
+                                originals.setdefault(key[0], _swap(key, weight))
+                    stages, passes, steps = [], 1, walk.steps
                 for stage in stages:
                     dims = {name: group.k for group in stage for name in group.inputs}
                     passes += stats.collect(self.context.calibration, model, dims, vectors, opts.stats_memory_mb << 20)
@@ -195,6 +221,8 @@ class ShiftAddBCQ(KilnPass):
                 value.const_value = tensor
         tensors = len({name for group in groups for name in group.inputs})
         self.details["calibration"] = {"tensors": tensors, "passes": passes, "stages": len(stages)}
+        if steps is not None:
+            self.details["calibration"]["sequential_steps"] = steps
         self._rewrite(model, main, fitted)
         return ir.passes.PassResult(model, modified=True)
 
@@ -219,24 +247,38 @@ class ShiftAddBCQ(KilnPass):
         return [fitted.columns(slice(a, b)) for a, b in itertools.pairwise(starts)]
 
     def _fit_group(
-        self, group: Group, stats: Statistics, allocated: dict[MemberKey, BCQWeight]
+        self,
+        group: Group,
+        stats: Statistics,
+        allocated: dict[MemberKey, BCQWeight],
+        refit: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> dict[MemberKey, tuple[BCQWeight, dict[str, Any]]]:
-        """Each member's fit (from the allocation if it made one, else at ``bits``) and its errors."""
-        hessian = _hessian(group, stats)
+        """Each member's fit (from the allocation if it made one, else at ``bits``) and its errors; with ``refit``
+        (the sequential walk's ``(E[x̂^T x̂], E[x̂^T x], E[x^T x])``) fitted to the refit target, its output error
+        measured against the float layer's outputs."""
+        hessian = _hessian(group, stats) if refit is None else refit[0]
         weights = {key: load_weight(key) for key in group.members}
+        targets = weights
+        if refit is not None:
+            _, lam = damping(refit[0], self.options.damp)
+            targets = {key: refit_target(w, refit[0], refit[1], lam).astype(np.float32) for key, w in weights.items()}
         fits = {key: allocated[key] for key in group.members if key in allocated}
         rest = [key for key in group.members if key not in fits]
         if rest:
-            fits |= dict(zip(rest, self._fit([weights[key] for key in rest], hessian, self.options.bits)))
+            fits |= dict(zip(rest, self._fit([targets[key] for key in rest], hessian, self.options.bits)))
         results = {}
         for key in group.members:
             w, fitted = weights[key], fits[key]
-            diff = w.astype(np.float32) - fitted.dequantize()
-            signal = quadratic(hessian, w)
+            dequantized = fitted.dequantize()
+            diff = w.astype(np.float32) - dequantized
+            if refit is None:
+                error, signal = quadratic(hessian, diff), quadratic(hessian, w)
+            else:
+                error, signal = refit_error(w, dequantized, refit)
             info = {
                 "bits": fitted.bits,
                 "weight_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(w), 1e-30)),
-                "output_rel_error": math.sqrt(quadratic(hessian, diff) / signal) if signal > 0 else 0.0,
+                "output_rel_error": math.sqrt(max(error, 0.0) / signal) if signal > 0 else 0.0,
             }
             results[key] = (fitted, info)
         return results
@@ -363,6 +405,18 @@ def _make_groups(sites: list[WeightSite]) -> list[Group]:
         tensors = tuple(sorted(names))
         groups.setdefault(tensors, Group(tensors, [], dims[key])).members.append(key)
     return list(groups.values())
+
+
+def _in_graph_order(groups: list[Group], graph: ir.Graph) -> list[Group]:
+    """Groups by where their inputs are computed, as a sequential walk must take them."""
+    position = {node: i for i, node in enumerate(graph)}
+    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
+
+    def produced_at(group: Group) -> int:
+        producers = [values[name].producer() for name in group.inputs]
+        return max((-1 if node is None else position[node] for node in producers), default=-1)
+
+    return sorted(groups, key=produced_at)
 
 
 def _hessian(group: Group, stats: Statistics) -> np.ndarray:

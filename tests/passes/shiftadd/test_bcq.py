@@ -113,6 +113,31 @@ def test_stages_fit_later_layers_on_the_fitted_model(stages: int) -> None:
         assert abs(reported - measured) > 0.02 * measured
 
 
+def test_sequential_fits_later_layers_to_the_float_outputs() -> None:
+    """With ``sequential`` the second layer is fitted from the hidden activations the fitted first layer makes,
+    toward the float model's outputs: its reported error is the one measured against the float model, and the
+    model's output error is lower than with 2 stages (each layer fitted toward its own inputs' image)."""
+    feeds = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)} for _ in range(3)]
+    float_model = testing.mlp([64, 64, 32], seed=5)
+    bias = float_model.graph.initializers["b1"].const_value.numpy()
+    expected = np.concatenate([_session(float_model).run(None, feed)[0] for feed in feeds]).astype(np.float64)
+    errors = {}
+    for options in ({"stages": 2}, {"sequential": True}):
+        model = testing.mlp([64, 64, 32], seed=5)
+        options |= {"min_elements": 0, "bits": 2, "group_size": 32}
+        pass_ = registry.create("shiftadd.bcq", options, PassContext(calibration=CalibrationData(feeds)))
+        assert pass_(model).modified
+        got = np.concatenate([_session(model).run(None, feed)[0] for feed in feeds])
+        errors[bool(options.get("sequential"))] = int8.relative_error(expected, got)
+        if options.get("sequential"):
+            assert pass_.details["calibration"]["sequential_steps"] == 2
+            # The bias is added after the fitted matmul: the same error, measured against the matmul's output.
+            measured = np.linalg.norm(got - expected) / np.linalg.norm(expected - bias)
+            assert pass_.details["layers"]["matmul1"]["output_rel_error"] == pytest.approx(measured, rel=1e-3)
+    # Measured: 0.361 with 2 stages, 0.286 sequential.
+    assert errors[True] < 0.9 * errors[False]
+
+
 def test_gemm_with_bias_and_transposed_weight() -> None:
     k, n = 48, 20
     w = RNG.standard_normal((n, k)).astype(np.float32)
@@ -170,6 +195,7 @@ def test_needs_calibration() -> None:
         ({"refits": -1}, r"refits must be >= 0, got -1"),
         ({"stages": 0}, r"stages must be >= 1, got 0"),
         ({"stages": 2, "average_bits": 2.5}, r"stages must be 1 with average_bits"),
+        ({"sequential": True, "stages": 2}, r"sequential=True takes every layer group in order"),
     ],
 )
 def test_bad_options(options: dict, message: str) -> None:
