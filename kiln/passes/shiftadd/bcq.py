@@ -29,7 +29,9 @@ layers are fitted to the inputs the shift-add model feeds them.
 Sequential (``sequential``, as in ``quantize.gptq``): instead of stages, every layer group in graph order, each from
 the inputs ``x̂`` the fitted groups before it give (:mod:`kiln.compiler.sequential`), fitted to the refit target
 ``W* = (G + λ I)^-1 (C W + λ W)`` with ``G = E[x̂^T x̂]``, ``C = E[x̂^T x]``: the error that counts is against the
-float model's outputs, so each layer absorbs part of what the layers before it lost.
+float model's outputs, so each layer absorbs part of what the layers before it lost. Measured at 3 planes with 32
+calibration windows (``tools/calibration_size.py``): 36.56, against 39.64 with 16 stages; with 8 windows 45.70
+against 42.56 (the refit wants more rows than the largest layer input has channels, 1536).
 
 Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens;
 the LM head stays float, as the exported graph computes its weight with a Transpose at run time): perplexity 43.39
