@@ -31,8 +31,8 @@ the inputs ``x̂`` the fitted groups before it give (:mod:`kiln.compiler.sequent
 ``W* = (G + λ I)^-1 (C W + λ W)`` with ``G = E[x̂^T x̂]``, ``C = E[x̂^T x]``: the error that counts is against the
 float model's outputs, so each layer absorbs part of what the layers before it lost. Measured at 3 planes with 32
 calibration windows (``tools/calibration_size.py``): 36.56, against 39.64 with 16 stages; with 8 windows 45.70
-against 42.56 (the refit wants more rows than the largest layer input has channels, 1536). At 2 planes with 32
-windows: 69.9 against 106.6.
+against 42.56 (the refit wants many times more rows than the widest layer input has channels, 1536: 4096 rows
+are too few). At 2 planes with 32 windows: 69.9 against 106.6.
 
 Measured (``tools/shiftadd_perplexity.py``: SmolLM2-135M, 8 calibration and 16 evaluation windows of 512 tokens;
 the LM head stays float, as the exported graph computes its weight with a Transpose at run time): perplexity 43.39
