@@ -26,6 +26,7 @@ import abc
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -189,6 +190,14 @@ class Sequential:
                 for reducer in reducers[name]:
                     reducer.update(ref[name], cur[name])
 
+    def cross_moments(self, tensors: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Advance to ``tensors`` and return :class:`CrossGram`'s ``(E[x̂^T x̂], E[x̂^T x], E[x^T x])`` of their
+        last-axis rows, summed over the tensors (a weight read from several inputs)."""
+        reducers = {name: CrossGram() for name in tensors}
+        self.collect({name: [reducer] for name, reducer in reducers.items()})
+        gram, cross, reference = (sum(parts) for parts in zip(*(reducer.value for reducer in reducers.values())))
+        return gram, cross, reference
+
     def revise(self, name: str, function: Callable[[np.ndarray], np.ndarray]) -> None:
         """Apply ``function`` to the rewritten model's cached values of ``name``, in every feed.
 
@@ -213,6 +222,22 @@ class Sequential:
             ref = self.reference.advance(list(reference), Path(tmp)) if reference else [{} for _ in cur]
         self.steps += 1
         return list(zip(ref, cur))
+
+
+_T = TypeVar("_T")
+
+
+def walk_order(graph: ir.Graph, items: Iterable[_T], tensors: Callable[[_T], Iterable[str]]) -> list[_T]:
+    """``items`` sorted (stably) by where the last of their ``tensors`` is computed in ``graph``'s node order: the
+    order a walk must take them in (graph inputs first)."""
+    position = {node: i for i, node in enumerate(graph)}
+    values = _values(graph)
+
+    def produced_at(item: _T) -> int:
+        producers = (values[name].producer() for name in tensors(item))
+        return max((-1 if node is None else position[node] for node in producers), default=-1)
+
+    return sorted(items, key=produced_at)
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:

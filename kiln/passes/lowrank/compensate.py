@@ -172,30 +172,29 @@ class Compensate(GPTQ):
 
     def _rewrite(
         self, site: WeightSite, packed: _Packed, names: _weights.NameScope, main_graph: ir.Graph, shared: bool
-    ) -> None:
+    ) -> ir.Value:
         """With ``sequential``, the branch goes in with the quantized node: the walk's next segments run it."""
-        super()._rewrite(site, packed, names, main_graph, shared)
+        x = site.node.inputs[0]
+        y = super()._rewrite(site, packed, names, main_graph, shared)
         key = (site.weight, site.transposed)
         if self.sequential() and site.label in self.calibrated and key in self._branches:
-            ranks = self._ranks([key])
-            self._attach(main_graph, site, ranks[key], names)
+            assert x is not None  # a calibrated site's input
+            self._attach(main_graph, site, self._ranks([key])[key], x, y, names)
+        return y
 
-    def _attach(self, graph: ir.Graph, site: WeightSite, r: int, names: _weights.NameScope) -> None:
-        """Add ``site``'s rank-``r`` branch (its factors made once per weight)."""
+    def _attach(
+        self, graph: ir.Graph, site: WeightSite, r: int, x: ir.Value, y: ir.Value, names: _weights.NameScope
+    ) -> None:
+        """Add ``site``'s rank-``r`` branch from its input ``x`` to its output ``y`` (factors made once per weight)."""
         key = (site.weight, site.transposed)
         branch = self._branches[key]
-        if r == 0:
-            return
         if key not in self._factors:
             base = site.weight.name or site.label
             self._factors[key] = (
                 _weights.add_initializer(graph, names.fresh(f"{base}_eora_a"), branch.a[:, :r].copy()),
                 _weights.add_initializer(graph, names.fresh(f"{base}_eora_b"), branch.b[:r].copy()),
             )
-        input_name, output_name = self.calibrated[site.label]
-        values = {v.name: v for v in graph.inputs if v.name}
-        values.update((v.name, v) for node in graph for v in node.outputs if v.name)
-        self._add_branch(graph, values[input_name], values[output_name], *self._factors[key], names)
+        self._add_branch(graph, x, y, *self._factors[key], names)
 
     def _finish(self, model: ir.Model) -> None:
         super()._finish(model)
@@ -205,6 +204,10 @@ class Compensate(GPTQ):
         ranks = self._ranks(members)
         names = _weights.NameScope(model)
         attached = self.sequential()  # the branches went in with their layers
+        values: dict[str, ir.Value] = {}
+        if not attached:
+            values = {v.name: v for v in model.graph.inputs if v.name}
+            values.update((v.name, v) for node in model.graph for v in node.outputs if v.name)
         counted: set[MemberKey] = set()
         branch_bytes = 0
         errors = []
@@ -223,7 +226,8 @@ class Compensate(GPTQ):
             if r == 0:
                 continue
             if not attached:
-                self._attach(model.graph, site, r, names)
+                input_name, output_name = self.calibrated[site.label]
+                self._attach(model.graph, site, r, values[input_name], values[output_name], names)
             layer["branch_bytes"] = branch.a[:, :r].nbytes + branch.b[:r].nbytes
             if key not in counted:  # a shared weight's factors count once
                 counted.add(key)

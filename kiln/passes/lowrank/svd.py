@@ -58,7 +58,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from kiln.compiler.registry import register
-from kiln.compiler.sequential import CrossGram, Sequential, refit_error
+from kiln.compiler.sequential import CrossGram, Sequential, refit_error, walk_order
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
@@ -516,15 +516,8 @@ class ActivationAwareSVD(LowRankSVD):
         for pair in chosen:
             (staged if len({key[0] for key in pair[0].keys}) == 1 else others).append(pair)
         super()._factor_all(model, others, stats, names)
-        position = {node: i for i, node in enumerate(model.graph)}
-        values = ir.convenience.create_value_mapping(model.graph, include_subgraphs=False)
-
-        def produced_at(matrix: Matrix) -> int:
-            producer = values[matrix.keys[0][0]].producer()
-            return -1 if producer is None else position[producer]
-
         by_tensor: dict[str, list[tuple[Matrix, int]]] = {}
-        for matrix, r in sorted(staged, key=lambda pair: produced_at(pair[0])):
+        for matrix, r in walk_order(model.graph, staged, lambda pair: [pair[0].keys[0][0]]):
             by_tensor.setdefault(matrix.keys[0][0], []).append((matrix, r))
         assert self.context.calibration is not None  # checked by requires()
         walk = Sequential(self.context.calibration, model, reference)

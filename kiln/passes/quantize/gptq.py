@@ -80,7 +80,7 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import CalibrationData, ChannelMean, Gram, Reducer
 from kiln.compiler.registry import register
-from kiln.compiler.sequential import CrossGram, Sequential, refit_error, refit_target
+from kiln.compiler.sequential import Sequential, refit_error, refit_target
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes.quantize import grid, pack
@@ -344,14 +344,11 @@ class CalibratedWeightOnly(WeightOnlyRTN):
         """Advance the sequential walk to ``group``'s inputs; their summed (gram, cross, reference) moments."""
         assert self._walk is not None
         start = time.perf_counter()
-        reducers = {name: CrossGram() for name in group.inputs}
-        self._walk.collect({name: [reducer] for name, reducer in reducers.items()})
+        moments = self._walk.cross_moments(group.inputs)
         self._collected.update(group.inputs)
         self._stats_seconds += time.perf_counter() - start
-        moments = [reducer.value for reducer in reducers.values()]
-        gram, cross, reference = (sum(parts) for parts in zip(*moments))
-        self._refits[group.inputs] = (gram, cross, reference)
-        return gram, cross, reference
+        self._refits[group.inputs] = moments
+        return moments
 
     def _refit(self, w: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
         """The refit target ``(G + λ I)^-1 (C W + λ W)`` (module docstring), λ as in :func:`gptq`'s damping."""

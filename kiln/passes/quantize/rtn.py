@@ -363,8 +363,9 @@ class WeightOnlyRTN(KilnPass):
 
     def _rewrite(
         self, site: WeightSite, packed: _Packed, names: _weights.NameScope, main_graph: ir.Graph, shared: bool
-    ) -> None:
-        """Replace ``site.node`` by its quantized form, keeping its output value's name and consumers."""
+    ) -> ir.Value:
+        """Replace ``site.node`` by its quantized form, keeping its output value's name and consumers; returns the
+        new output value."""
         opts = self.options
         node = site.node
         graph = node.graph
@@ -426,6 +427,7 @@ class WeightOnlyRTN(KilnPass):
         if site.kept_float:
             layer["kept_float"] = True
         self.details["layers"][site.label] = layer
+        return out
 
 
 def _is_gather_of(node: ir.Node, weight: ir.Value) -> bool:

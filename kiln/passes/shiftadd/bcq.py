@@ -57,7 +57,7 @@ import onnx_ir as ir
 
 from kiln.compiler.calibration import ChannelMean
 from kiln.compiler.registry import register
-from kiln.compiler.sequential import CrossGram, Sequential, refit_error, refit_target
+from kiln.compiler.sequential import Sequential, refit_error, refit_target, walk_order
 from kiln.errors import KilnError
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
@@ -197,28 +197,26 @@ class ShiftAddBCQ(KilnPass):
                 assert self.context.calibration is not None  # checked by requires()
                 if opts.sequential:
                     walk = Sequential(self.context.calibration, model, model.clone())
-                    for group in _in_graph_order(groups, model.graph):
-                        reducers = {name: CrossGram() for name in group.inputs}
-                        walk.collect({name: [reducer] for name, reducer in reducers.items()})
-                        parts = zip(*(reducer.value for reducer in reducers.values()))
-                        gram, cross, reference = (sum(part) for part in parts)
-                        results = self._fit_group(group, stats, {}, (gram, cross, reference))
+                    for group in walk_order(model.graph, groups, lambda group: group.inputs):
+                        results = self._fit_group(group, stats, {}, walk.cross_moments(group.inputs))
                         fitted |= results
                         for key, (weight, _) in results.items():
                             if key in swappable:
                                 originals.setdefault(key[0], _swap(key, weight))
-                    stages, passes, steps = [], 1, walk.steps
-                for stage in stages:
-                    dims = {name: group.k for group in stage for name in group.inputs}
-                    passes += stats.collect(self.context.calibration, model, dims, vectors, opts.stats_memory_mb << 20)
-                    allocated = {} if opts.average_bits is None else self._allocate(model, groups, stats, Path(tmp))
-                    for group in stage:
-                        results = self._fit_group(group, stats, allocated)
-                        fitted |= results
-                        if len(stages) > 1:
-                            for key, (weight, _) in results.items():
-                                if key in swappable:
-                                    originals.setdefault(key[0], _swap(key, weight))
+                    steps = walk.steps  # statistics come from the walk: no separate passes
+                else:
+                    for stage in stages:
+                        dims = {name: group.k for group in stage for name in group.inputs}
+                        memory = opts.stats_memory_mb << 20
+                        passes += stats.collect(self.context.calibration, model, dims, vectors, memory)
+                        allocated = {} if opts.average_bits is None else self._allocate(model, groups, stats, Path(tmp))
+                        for group in stage:
+                            results = self._fit_group(group, stats, allocated)
+                            fitted |= results
+                            if len(stages) > 1:
+                                for key, (weight, _) in results.items():
+                                    if key in swappable:
+                                        originals.setdefault(key[0], _swap(key, weight))
         finally:
             for value, tensor in originals.items():
                 value.const_value = tensor
@@ -408,18 +406,6 @@ def _make_groups(sites: list[WeightSite]) -> list[Group]:
         tensors = tuple(sorted(names))
         groups.setdefault(tensors, Group(tensors, [], dims[key])).members.append(key)
     return list(groups.values())
-
-
-def _in_graph_order(groups: list[Group], graph: ir.Graph) -> list[Group]:
-    """Groups by where their inputs are computed, as a sequential walk must take them."""
-    position = {node: i for i, node in enumerate(graph)}
-    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
-
-    def produced_at(group: Group) -> int:
-        producers = [values[name].producer() for name in group.inputs]
-        return max((-1 if node is None else position[node] for node in producers), default=-1)
-
-    return sorted(groups, key=produced_at)
 
 
 def _hessian(group: Group, stats: Statistics) -> np.ndarray:
