@@ -1,4 +1,4 @@
-"""Make a kiln output importable by TVM's ONNX frontend: static shapes, folded shape arithmetic, no quantized weights.
+"""Make a kiln output importable by TVM's ONNX frontend: static shapes, folded shape arithmetic, no quantized ops.
 
 TVM 0.27's importer (``tvm.relax.frontend.onnx.from_onnx``) rejects blocked ``DequantizeLinear``, has no converter
 for ``com.microsoft`` ops, and fails on exported models whose shapes are computed at run time (Shape -> Concat ->
@@ -7,13 +7,16 @@ Reshape chains leave tensors of unknown shape). :func:`prepare` rewrites a copy 
 1. **Shapes**: every symbolic input dimension gets a value, from ``input_shapes`` (whole shapes by input name) or
    ``dims`` (values by dimension name, e.g. ``batch=1, seq=128``). An unresolved dimension is a :class:`KilnError`
    naming the input and dimension.
-2. **Quantized weights become float constants** (the cost: the artifact holds fp32 weights, 4x (8-bit) to 8x
-   (4-bit) the bytes of the quantized model, and runs at fp32 speed; the numbers are exactly those ONNX Runtime
-   dequantizes to):
+2. **Quantized weights**:
 
    * ``Y = com.microsoft.MatMulNBits(A, B, scales[, zero_points][, g_idx=None][, bias])`` ->
-     ``Y = MatMul(A, W^T) (+ bias)`` with ``W[n, k] = (q[n, k] - z[n, k // block]) * s[n, k // block]``, the codes
-     unpacked from ``B`` (layout in :mod:`kiln.passes.quantize.pack`), ``z = 2^(bits-1)`` without zero points;
+     ``Y = MatMul(A, P) (+ bias)`` where ``P`` is a new graph input named ``kiln_packed_weight_<i>`` standing for
+     the weight; its codes, scales and zero points (``z = 2^(bits-1)`` without zero points; layout in
+     :mod:`kiln.passes.quantize.pack`) go to ``Prepared.packed``. After import,
+     :func:`kiln.targets.tvm.gemv.use_kernels` runs each such matmul with at most a few rows of ``A`` (decode) as
+     kiln's kernel on the packed codes, and binds ``W[n, k] = (q[n, k] - z[n, k // block]) * s[n, k // block]`` as a
+     float constant where ``A`` has more rows (the cost there: fp32 bytes and speed; the numbers are exactly those
+     ONNX Runtime dequantizes to);
    * ``DequantizeLinear(x, scale[, zero_point])`` with constant inputs (per-tensor, per-axis or blocked) ->
      the constant ``(x - zero_point) * scale``, the scale repeated ``block_size`` times along ``axis`` when blocked.
 
@@ -41,11 +44,15 @@ import onnxscript.optimizer
 from kiln.compiler import io
 from kiln.errors import KilnError
 from kiln.passes.quantize.pack import unpack_bits
+from kiln.targets.tvm import gemv
 
 _STANDARD = ("", "ai.onnx")
 _MS = "com.microsoft"
 #: Nodes listed per unsupported op in the error message.
 _NODES_SHOWN = 3
+#: Names of the graph inputs that stand for MatMulNBits weights until :func:`kiln.targets.tvm.gemv.use_kernels`.
+PACKED_PREFIX = "kiln_packed_weight_"
+_FLOAT = ir.TensorType(ir.DataType.FLOAT)
 
 
 def static_input_shapes(
@@ -133,8 +140,8 @@ def _dequantize_constant(node: ir.Node) -> np.ndarray | None:
     return (values * scale).astype(np.float32)
 
 
-def _matmulnbits_weight(node: ir.Node) -> np.ndarray:
-    """The float ``[K, N]`` weight a MatMulNBits node multiplies by (KilnError if it is not constant)."""
+def _matmulnbits_weight(node: ir.Node) -> gemv.PackedWeight:
+    """The codes, scales and zero points of a MatMulNBits node's constant weight (KilnError if not constant)."""
     k, n = _attr(node, "K", 0), _attr(node, "N", 0)
     bits, block = _attr(node, "bits", 4), _attr(node, "block_size", 0)
     packed, scales = _const(node.inputs[1]), _const(node.inputs[2])
@@ -142,8 +149,10 @@ def _matmulnbits_weight(node: ir.Node) -> np.ndarray:
         raise KilnError(f"MatMulNBits node {node.name!r}: packed weights and scales must be constants")
     if len(node.inputs) > 4 and node.inputs[4] is not None:
         raise KilnError(f"MatMulNBits node {node.name!r}: g_idx (act-order) is not supported by the TVM lowering")
+    if bits not in (2, 4, 8):
+        raise KilnError(f"MatMulNBits node {node.name!r}: {bits}-bit weights (the TVM lowering reads 2, 4 and 8 bits)")
     n_blocks = -(-k // block)
-    codes = unpack_bits(packed.reshape(n * n_blocks, -1), bits, block).reshape(n, n_blocks * block).astype(np.float32)
+    codes = unpack_bits(packed.reshape(n * n_blocks, -1), bits, block).reshape(n, n_blocks * block)
     zero_input = node.inputs[3] if len(node.inputs) > 3 else None
     if zero_input is None:
         zero = np.full((n, n_blocks), 2 ** (bits - 1), dtype=np.float32)
@@ -153,24 +162,27 @@ def _matmulnbits_weight(node: ir.Node) -> np.ndarray:
             raise KilnError(f"MatMulNBits node {node.name!r}: zero points must be constant uint8")
         zero = unpack_bits(zp.reshape(n, -1), bits, n_blocks).astype(np.float32)
     scale = scales.reshape(n, n_blocks).astype(np.float32)
-    weight = (codes.reshape(n, n_blocks, block) - zero[:, :, None]) * scale[:, :, None]
-    return np.ascontiguousarray(weight.reshape(n, n_blocks * block)[:, :k].T)
+    return gemv.PackedWeight(np.ascontiguousarray(codes.T), scale.T.copy(), zero.T.copy(), bits, block, k)
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=_FLOAT)
     value.const_value = ir.Tensor(array, name=name)
     graph.register_initializer(value)
     return value
 
 
-def _lower_quantized(model: ir.Model) -> dict[str, int]:
-    """Replace MatMulNBits and constant DequantizeLinear nodes of the main graph by float computations."""
+def _lower_quantized(model: ir.Model, packed: dict[str, gemv.PackedWeight]) -> dict[str, int]:
+    """Replace MatMulNBits by a MatMul with a placeholder input (its weight, in ``packed``), and constant
+    DequantizeLinear nodes of the main graph by float constants."""
     graph = model.graph
     counts: dict[str, int] = collections.Counter()
     for node in list(graph):
         if node.domain == _MS and node.op_type == "MatMulNBits":
-            weight = _initializer(graph, f"{node.name or node.outputs[0].name}.tvm_weight", _matmulnbits_weight(node))
+            name = f"{PACKED_PREFIX}{len(packed)}"
+            packed[name] = _matmulnbits_weight(node)
+            weight = ir.Value(name=name, shape=ir.Shape([packed[name].k, packed[name].n]), type=_FLOAT)
+            graph.inputs.append(weight)
             output = node.outputs[0]
             matmul = ir.node("MatMul", [node.inputs[0], weight], name=f"{node.name}.matmul")
             replacement = [matmul]
@@ -276,6 +288,8 @@ class Prepared:
     #: Every input and output has the same symbolic first dimension: a larger batch can run in compiled-size chunks.
     batch_split: bool
     lowered: dict[str, int]
+    #: MatMulNBits weights by the name of the graph input that stands for each (after the model's own inputs).
+    packed: dict[str, gemv.PackedWeight] = dataclasses.field(default_factory=dict)
 
 
 def _first_dim(value: ir.Value) -> str | None:
@@ -283,9 +297,11 @@ def _first_dim(value: ir.Value) -> str | None:
     return dims[0].value if dims and not isinstance(dims[0], int) else None
 
 
-def weight_bytes(model: ir.Model) -> int:
-    """Bytes of the main graph's constant weights as TVM will hold them (after lowering: mostly float32)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+def weight_bytes(model: ir.Model, packed: Mapping[str, gemv.PackedWeight]) -> int:
+    """Bytes of the main graph's constant weights as TVM will hold them: float32 initializers, and MatMulNBits
+    weights at their packed size (a matmul with many rows gets a float32 copy instead)."""
+    constants = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return constants + sum(w.nbytes for w in packed.values())
 
 
 def prepare(
@@ -307,11 +323,13 @@ def prepare(
     dtypes = {v.name: str(v.dtype.numpy()) for v in model.graph.inputs}
     for value in model.graph.inputs:
         value.shape = ir.Shape(shapes[value.name])
-    lowered = _lower_quantized(model)
-    size_mb = weight_bytes(model) / 2**20
+    packed: dict[str, gemv.PackedWeight] = {}
+    lowered = _lower_quantized(model, packed)
+    size_mb = weight_bytes(model, packed) / 2**20
     if size_mb > max_weight_mb:
         raise KilnError(
-            f"{model_file}: {size_mb:.0f} MB of weights once lowered for TVM (quantized weights become float32), over "
+            f"{model_file}: {size_mb:.0f} MB of weights once lowered for TVM (blocked DequantizeLinear weights become "
+            "float32), over "
             f"max_weight_mb ({max_weight_mb:.0f}); untuned TVM runs large matmuls as plain loops and tuning such a "
             "model takes hours on this machine (raise max_weight_mb to try anyway)"
         )
@@ -319,4 +337,4 @@ def prepare(
     check_supported(model, model_file)
     ir.external_data.load_to_model(model)  # the importer reads tensors from the proto, not from disk
     outputs = [v.name for v in model.graph.outputs]
-    return Prepared(ir.serde.serialize_model(model), shapes, dtypes, outputs, batch_split, lowered)
+    return Prepared(ir.serde.serialize_model(model), shapes, dtypes, outputs, batch_split, lowered, packed)

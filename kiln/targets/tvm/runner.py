@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ class TvmRunner(Runner):
     """
 
     def __init__(self, library: Path, metadata: dict[str, Any]) -> None:
+        # TVM's thread pool, created at its first parallel loop, ran one thread on this 2-core machine unless told
+        # (SmolLM2 W4 decode: 20.7 ms per token, 12.5 ms with two threads).
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         import tvm
         from tvm import relax
 

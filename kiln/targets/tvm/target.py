@@ -1,9 +1,10 @@
 """``tvm-llvm`` and ``tvm-aarch64`` (and ``tvm-cuda``, :mod:`kiln.targets.tvm.cuda`): the model compiled by Apache TVM
 (Relax) into one shared library.
 
-Build: :func:`kiln.targets.tvm.lower.prepare` (static shapes, quantized weights to float, folding, op check, all
-before any long work) -> Relax import -> MetaSchedule tuning when ``trials > 0`` (:mod:`kiln.targets.tvm.tune`,
-database reused across compiles) -> tuned schedules plus dlight defaults -> ``tvm.compile``.
+Build: :func:`kiln.targets.tvm.lower.prepare` (static shapes, quantized weights lowered, folding, op check, all
+before any long work) -> Relax import -> kiln's GEMV kernels (:mod:`kiln.targets.tvm.gemv`) -> MetaSchedule
+tuning when ``trials > 0`` (:mod:`kiln.targets.tvm.tune`, database reused across compiles) -> tuned schedules
+plus dlight defaults -> ``tvm.compile``.
 
 Output directory (beside ``model.onnx``):
 
@@ -21,9 +22,10 @@ Options (every TVM target):
 * ``trials``: MetaSchedule trials in all (0: untuned, dlight defaults); ``time_budget_s``: wall-clock budget for
   tuning (0: none); ``database``: the database directory (default: under the kiln cache, per target, model and
   budget); ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``: measure candidates on RPC servers.
-* ``max_weight_mb``: refuse models whose weights, once lowered (quantized weights become float32), exceed this
-  (default 256), before import: untuned TVM runs large matmuls as plain loops, so verifying a model of SmolLM2's
-  size (538 MB in fp32) would take hours.
+* ``max_weight_mb``: refuse models whose weights, once lowered (MatMulNBits weights counted packed, blocked
+  DequantizeLinear weights as float32), exceed this (default 256), before import: untuned TVM runs matmuls of many
+  rows as plain loops, so verifying a full-sequence model of SmolLM2's size (538 MB in fp32) would take hours. A
+  decode graph (one token) runs its matmuls as kiln's GEMV kernels and compiles in under a minute.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any, ClassVar
 
 from kiln.errors import KilnError, describe
 from kiln.targets.base import Target
-from kiln.targets.tvm import lower, relax_build, tune
+from kiln.targets.tvm import gemv, lower, relax_build, tune
 from kiln.targets.tvm.runner import LIBRARY, METADATA, TvmRunner
 
 logger = logging.getLogger("kiln")
@@ -126,12 +128,15 @@ class TvmTarget(Target):
         prepared = lower.prepare(model_file, opts.input_shapes, opts.dims, opts.max_weight_mb)
         target = self.tvm_target()
         with _tvm_errors(model_file, "import"):
-            mod = relax_build.legalize(relax_build.import_onnx(prepared.proto, prepared.shapes), target)
+            mod = relax_build.import_onnx(prepared.proto, prepared.shapes)
+            mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), target.kind.name == "llvm")
+            mod = relax_build.legalize(mod, target)
         details: dict[str, Any] = {
             "options": dataclasses.asdict(opts),
             "tvm_target": str(target),
             "input_shapes": prepared.shapes,
             "lowered": prepared.lowered,
+            "gemv_kernels": kernels,
         }
         database = None
         if opts.trials:

@@ -1,0 +1,86 @@
+"""kiln's GEMV kernels: exact against numpy, and the matmuls of a compiled model routed to them by row count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.compiler.recipes import parse
+from kiln.targets.ort import SessionSettings
+from kiln.targets.ort.runner import OrtRunner
+from kiln.targets.tvm import gemv, relax_build, runner
+from tests.targets.conftest import rtn_recipe
+
+
+def _run(func, arrays: list[np.ndarray], out_shape: tuple[int, int]) -> np.ndarray:
+    import tvm
+
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    library = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32))]
+    library["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n", "bits", "block"),
+    [(1, 576, 192, 4, 128), (2, 100, 70, 2, 32), (1, 64, 200, 8, 16), (3, 96, 64, 4, 64)],
+)
+def test_nbits_kernel_equals_the_dequantized_product(rows: int, k: int, n: int, bits: int, block: int):
+    """Ragged K (576 in groups of 128, 100 in 32), N off the tile (70, 200), several rows, 2/4/8 bits."""
+    rng = np.random.default_rng(0)
+    groups = -(-k // block)
+    weight = gemv.PackedWeight(
+        codes=rng.integers(0, 1 << bits, (groups * block, n)).astype(np.uint8),
+        scales=rng.random((groups, n)).astype(np.float32),
+        zero_points=rng.integers(0, 1 << bits, (groups, n)).astype(np.float32),
+        bits=bits,
+        block=block,
+        k=k,
+    )
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    y = _run(
+        gemv.nbits_gemv(rows, k, gemv.padded(n), bits, block), [x, *weight.kernel_inputs()], (rows, gemv.padded(n))
+    )
+    expected = x @ weight.dequantize()
+    assert np.abs(y[:, :n] - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert not y[:, n:].any()  # padded columns have zero scales
+    assert weight.nbytes == groups * block * n * bits // 8 + 2 * 4 * groups * n
+
+
+def test_float_kernel_equals_the_product():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 96)).astype(np.float32), rng.standard_normal((96, 100)).astype(np.float32)
+    y = _run(gemv.float_gemv(2, 96, gemv.padded(100)), [x, gemv.tile_major(w)], (2, 128))
+    np.testing.assert_allclose(y[:, :100], x @ w, rtol=1e-5, atol=1e-5)
+
+
+def _exact_ort(out_dir: Path, x: np.ndarray) -> np.ndarray:
+    # without graph optimizations, as the ORT reference of the other TVM tests
+    settings = SessionSettings(graph_optimization_level="ORT_DISABLE_ALL")
+    return OrtRunner.from_path(out_dir / "model.onnx", settings=settings)({"x": x})["y"]
+
+
+@pytest.mark.parametrize(("batch", "packed"), [(1, 2), (2 * gemv.MAX_ROWS, 0)])
+def test_matmulnbits_runs_packed_up_to_max_rows(mlp_path: Path, tmp_path: Path, batch: int, packed: int):
+    """One row: both MatMulNBits weights stay packed in the library; more than MAX_ROWS: float weights. Same numbers
+    as ONNX Runtime either way."""
+    out_dir = tmp_path / "out"
+    options = {"dims": {"batch": batch}}
+    recipe = rtn_recipe("tvm-llvm", fmt="matmulnbits")
+    result = kiln.compile_model(mlp_path, out_dir, recipe, input_shapes={"x": [batch, 64]}, target_options=options)
+    assert result.report["target"]["gemv_kernels"] == {"packed": packed, "float": 0}
+    x = np.random.default_rng(2).standard_normal((batch, 64)).astype(np.float32)
+    assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
+
+
+def test_float_matmuls_of_one_row_use_the_float_kernel(mlp_path: Path, tmp_path: Path):
+    recipe = parse('target = "tvm-llvm"\n[[passes]]\nname = "cleanup.optimize"\n', name="fp32")
+    out_dir = tmp_path / "out"
+    result = kiln.compile_model(mlp_path, out_dir, recipe, target_options={"dims": {"batch": 1}})
+    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "float": 2}
+    x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
+    assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4

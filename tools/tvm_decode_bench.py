@@ -1,0 +1,132 @@
+"""SmolLM2-135M decode (one token, KV cache) on TVM vs ONNX Runtime, fp32 and W4, in one process.
+
+Usage: ``python tools/tvm_decode_bench.py [--rounds 8] [--block 10] [--recipe rtn-w4] [--no-tvm-fp32]``.
+
+Variants: the zoo's decode graph in ONNX Runtime fp32; the recipe's output (default ``rtn-w4``: MatMulNBits, groups
+of 128) in ONNX Runtime and compiled by ``tvm-llvm`` (batch 1, the verification feeds' past length, 16 tokens); the
+fp32 graph on ``tvm-llvm``. Every compile is verified by kiln as usual (against the fp32 model; the W4 recipe's own
+loss shows in its verification, so out-of-tolerance W4 outputs are kept).
+
+Timing: rounds; in each round every variant runs ``--block`` calls in a row (first call dropped), starting variant
+rotating. Blocks, not single interleaved calls: ONNX Runtime's worker threads spin for a while after each run and
+take both cores from TVM's threads (single calls interleaved measured TVM W4 at 49 ms instead of 13). ONNX Runtime
+sessions keep their default settings (2 threads, spinning on: their fastest here). Prints a markdown table with the
+median ms per token, tokens/s, the ratio to ONNX Runtime W4, the weight bytes each token reads and the time those
+bytes take at the measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+import kiln
+from kiln import zoo
+from kiln.bench.bandwidth import measure_bandwidth
+from kiln.compiler import recipes
+from kiln.targets.ort.runner import make_session
+from kiln.targets.tvm.runner import TvmRunner
+
+MODEL = "smollm2-135m"
+
+
+def _compile(recipe: kiln.Recipe, out: Path, target: str | None, past: int) -> Path:
+    options = None
+    if target is not None:
+        recipe = dataclasses.replace(recipe, target=target, target_options={})
+        options = {"dims": {"batch": 1, "past_len": past}, "max_weight_mb": 1024}
+    model = zoo.export(MODEL, "decode")
+    kiln.compile_model(model, out, recipe, accept_out_of_tolerance=True, verify_limit=1, target_options=options)
+    return out
+
+
+def _weight_bytes(model_path: Path) -> int:
+    """Bytes of the matmul weights one decode step reads: MatMul weights (constant, or a Transpose of one: the LM
+    head tied to the embedding table) and MatMulNBits' packed codes, scales and zero points. TVM reads the same
+    (float weights re-laid out, codes packed at the same bits)."""
+    model = kiln.load(model_path)
+    total = 0
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            total += sum(v.const_value.nbytes for v in node.inputs[1:4] if v is not None and v.const_value is not None)
+        elif node.op_type == "MatMul":
+            weight = node.inputs[1]
+            producer = weight.producer()
+            if weight.const_value is None and producer is not None and producer.op_type == "Transpose":
+                weight = producer.inputs[0]
+            if weight.const_value is not None:
+                total += weight.const_value.nbytes
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipe", default="rtn-w4")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--no-tvm-fp32", action="store_true")
+    args = parser.parse_args()
+    feed = zoo.get(MODEL).verification_feeds("decode", limit=1)[0]
+    feed = {k: v[:1] for k, v in feed.items()}
+    past = next(v.shape[2] for k, v in feed.items() if k.startswith("past_key_values"))
+    fp32 = recipes.load("cleanup")
+    quantized = recipes.load(args.recipe)
+    runs: dict[str, Callable[[], object]] = {}
+    bytes_read: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        builds = [
+            ("ort fp32", fp32, None),
+            (f"ort {args.recipe}", quantized, None),
+            (f"tvm {args.recipe}", quantized, "tvm-llvm"),
+        ]
+        if not args.no_tvm_fp32:
+            builds.append(("tvm fp32", fp32, "tvm-llvm"))
+        for name, recipe, target in builds:
+            start = time.perf_counter()
+            out = _compile(recipe, root / name.replace(" ", "-"), target, past)
+            print(f"built {name} in {time.perf_counter() - start:.0f} s", flush=True)
+            bytes_read[name] = _weight_bytes(out / "model.onnx")
+            if target is None:
+                session = make_session(out / "model.onnx", threads=2)
+                runs[name] = lambda s=session: s.run(None, feed)
+            else:
+                runner = TvmRunner.from_dir(out)
+                runs[name] = lambda r=runner: r(feed)
+        names = list(runs)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for round_ in range(args.rounds):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                runs[name]()
+                for _ in range(args.block):
+                    start = time.perf_counter()
+                    runs[name]()
+                    times[name].append(1e3 * (time.perf_counter() - start))
+        bandwidth = measure_bandwidth().read
+    reference = statistics.median(times[f"ort {args.recipe}"])
+    print(
+        f"\npast length {past}, batch 1, {args.rounds} rounds x {args.block} calls, TVM_NUM_THREADS="
+        f"{os.environ.get('TVM_NUM_THREADS')}, read bandwidth {bandwidth / 1e9:.1f} GB/s\n"
+    )
+    print(f"| variant | median ms/token | p90 | tokens/s | vs ort {args.recipe} | weights read | bandwidth floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        median = statistics.median(times[name])
+        p90 = float(np.percentile(times[name], 90))
+        floor = 1e3 * bytes_read[name] / bandwidth
+        print(
+            f"| {name} | {median:.2f} | {p90:.2f} | {1e3 / median:.1f} | {reference / median:.2f}x "
+            f"| {bytes_read[name] / 1e6:.1f} MB | {floor:.2f} ms |"
+        )
+
+
+if __name__ == "__main__":
+    main()
