@@ -1,11 +1,12 @@
-"""SmolLM2-135M decode (one token, KV cache) on TVM vs ONNX Runtime, fp32 and W4, in one process.
+"""SmolLM2-135M decode (one token, KV cache) on TVM vs ONNX Runtime, fp32 and compressed, in one process.
 
-Usage: ``python tools/tvm_decode_bench.py [--rounds 8] [--block 10] [--recipe rtn-w4] [--no-tvm-fp32]``.
+Usage: ``python tools/tvm_decode_bench.py [--rounds 8] [--block 10] [--recipes rtn-w4,...] [--no-tvm-fp32]``.
 
-Variants: the zoo's decode graph in ONNX Runtime fp32; the recipe's output (default ``rtn-w4``: MatMulNBits, groups
-of 128) in ONNX Runtime and compiled by ``tvm-llvm`` (batch 1, the verification feeds' past length, 16 tokens); the
-fp32 graph on ``tvm-llvm``. Every compile is verified by kiln as usual (against the fp32 model; the W4 recipe's own
-loss shows in its verification, so out-of-tolerance W4 outputs are kept).
+Variants: the zoo's decode graph in ONNX Runtime fp32; each recipe's output (default ``rtn-w4``: MatMulNBits,
+groups of 128; ``tools/bench/shiftadd-w3-speed.toml``: ShiftAddMatMul, which ONNX Runtime runs as the op's function
+form) in ONNX Runtime and compiled by ``tvm-llvm`` (batch 1, the verification feeds' past length, 16 tokens); the
+fp32 graph on ``tvm-llvm``. Every compile is verified by kiln as usual (against the fp32 model; a recipe's own loss
+shows in its verification, so out-of-tolerance outputs are kept).
 
 Timing: rounds; in each round every variant runs ``--block`` calls in a row (first call dropped), starting variant
 rotating. Blocks, not single interleaved calls: ONNX Runtime's worker threads spin for a while after each run and
@@ -55,7 +56,7 @@ def _weight_bytes(model_path: Path) -> int:
     model = kiln.load(model_path)
     total = 0
     for node in model.graph:
-        if node.op_type == "MatMulNBits":
+        if node.op_type in ("MatMulNBits", "ShiftAddMatMul"):  # packed codes, scales (and zero points)
             total += sum(v.const_value.nbytes for v in node.inputs[1:4] if v is not None and v.const_value is not None)
         elif node.op_type == "MatMul":
             weight = node.inputs[1]
@@ -69,7 +70,9 @@ def _weight_bytes(model_path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--recipe", default="rtn-w4")
+    parser.add_argument(
+        "--recipes", default="rtn-w4", help="comma-separated recipe names or files; the first is the reference"
+    )
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--no-tvm-fp32", action="store_true")
@@ -78,18 +81,17 @@ def main() -> None:
     feed = {k: v[:1] for k, v in feed.items()}
     past = next(v.shape[2] for k, v in feed.items() if k.startswith("past_key_values"))
     fp32 = recipes.load("cleanup")
-    quantized = recipes.load(args.recipe)
     runs: dict[str, Callable[[], object]] = {}
     bytes_read: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        builds = [
-            ("ort fp32", fp32, None),
-            (f"ort {args.recipe}", quantized, None),
-            (f"tvm {args.recipe}", quantized, "tvm-llvm"),
-        ]
+        builds = [("ort fp32", fp32, None)]
+        for spec in args.recipes.split(","):
+            recipe = recipes.load(spec)
+            builds += [(f"ort {recipe.name}", recipe, None), (f"tvm {recipe.name}", recipe, "tvm-llvm")]
         if not args.no_tvm_fp32:
             builds.append(("tvm fp32", fp32, "tvm-llvm"))
+        reference = builds[1][0]
         for name, recipe, target in builds:
             start = time.perf_counter()
             out = _compile(recipe, root / name.replace(" ", "-"), target, past)
@@ -111,19 +113,19 @@ def main() -> None:
                     runs[name]()
                     times[name].append(1e3 * (time.perf_counter() - start))
         bandwidth = measure_bandwidth().read
-    reference = statistics.median(times[f"ort {args.recipe}"])
+    reference_ms = statistics.median(times[reference])
     print(
         f"\npast length {past}, batch 1, {args.rounds} rounds x {args.block} calls, TVM_NUM_THREADS="
         f"{os.environ.get('TVM_NUM_THREADS')}, read bandwidth {bandwidth / 1e9:.1f} GB/s\n"
     )
-    print(f"| variant | median ms/token | p90 | tokens/s | vs ort {args.recipe} | weights read | bandwidth floor |")
+    print(f"| variant | median ms/token | p90 | tokens/s | vs {reference} | weights read | bandwidth floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names:
         median = statistics.median(times[name])
         p90 = float(np.percentile(times[name], 90))
         floor = 1e3 * bytes_read[name] / bandwidth
         print(
-            f"| {name} | {median:.2f} | {p90:.2f} | {1e3 / median:.1f} | {reference / median:.2f}x "
+            f"| {name} | {median:.2f} | {p90:.2f} | {1e3 / median:.1f} | {reference_ms / median:.2f}x "
             f"| {bytes_read[name] / 1e6:.1f} MB | {floor:.2f} ms |"
         )
 

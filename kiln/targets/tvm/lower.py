@@ -17,6 +17,9 @@ Reshape chains leave tensors of unknown shape). :func:`prepare` rewrites a copy 
      kiln's kernel on the packed codes, and binds ``W[n, k] = (q[n, k] - z[n, k // block]) * s[n, k // block]`` as a
      float constant where ``A`` has more rows (the cost there: fp32 bytes and speed; the numbers are exactly those
      ONNX Runtime dequantizes to);
+   * ``Y = ai.kiln.ShiftAddMatMul(A, planes, exponents)`` with constant planes and exponents -> the same, its sign
+     planes going to ``Prepared.packed``: kiln's shift-add kernel for a few rows, ``W = sum_i 2^e_i s_i`` as a float
+     constant for more (without constants, the op's function form is inlined and runs as standard ops);
    * ``DequantizeLinear(x, scale[, zero_point])`` with constant inputs (per-tensor, per-axis or blocked) ->
      the constant ``(x - zero_point) * scale``, the scale repeated ``block_size`` times along ``axis`` when blocked.
 
@@ -44,6 +47,7 @@ import onnxscript.optimizer
 from kiln.compiler import io
 from kiln.errors import KilnError
 from kiln.passes.quantize.pack import unpack_bits
+from kiln.runtime_ops import shiftadd
 from kiln.targets.tvm import gemv
 
 _STANDARD = ("", "ai.onnx")
@@ -172,16 +176,33 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _lower_quantized(model: ir.Model, packed: dict[str, gemv.PackedWeight]) -> dict[str, int]:
-    """Replace MatMulNBits by a MatMul with a placeholder input (its weight, in ``packed``), and constant
-    DequantizeLinear nodes of the main graph by float constants."""
+def _shiftadd_weight(node: ir.Node) -> gemv.SignPlanes | None:
+    """The packed weight of a ShiftAddMatMul node, or None where it is computed at run time (then its function form
+    runs, inlined)."""
+    planes, exponents = _const(node.inputs[1]), _const(node.inputs[2])
+    if planes is None or exponents is None:
+        return None
+    attrs = {name: _attr(node, name, 0) for name in ("K", "N", "bits", "group_size")}
+    weight = shiftadd.PackedWeight(planes, exponents, attrs["K"], attrs["N"], attrs["bits"], attrs["group_size"])
+    shiftadd.check_packed(weight, f"ShiftAddMatMul node {node.name!r}")
+    return gemv.SignPlanes(weight)
+
+
+def _lower_quantized(model: ir.Model, packed: dict[str, gemv.PackedWeight | gemv.SignPlanes]) -> dict[str, int]:
+    """Replace MatMulNBits and ShiftAddMatMul by a MatMul with a placeholder input (its weight, in ``packed``), and
+    constant DequantizeLinear nodes of the main graph by float constants."""
     graph = model.graph
     counts: dict[str, int] = collections.Counter()
     for node in list(graph):
+        kernel_weight: gemv.PackedWeight | gemv.SignPlanes | None = None
         if node.domain == _MS and node.op_type == "MatMulNBits":
+            kernel_weight = _matmulnbits_weight(node)
+        elif node.domain == shiftadd.DOMAIN and node.op_type == shiftadd.OP_TYPE:
+            kernel_weight = _shiftadd_weight(node)
+        if kernel_weight is not None:
             name = f"{PACKED_PREFIX}{len(packed)}"
-            packed[name] = _matmulnbits_weight(node)
-            weight = ir.Value(name=name, shape=ir.Shape([packed[name].k, packed[name].n]), type=_FLOAT)
+            packed[name] = kernel_weight
+            weight = ir.Value(name=name, shape=ir.Shape([kernel_weight.k, kernel_weight.n]), type=_FLOAT)
             graph.inputs.append(weight)
             output = node.outputs[0]
             matmul = ir.node("MatMul", [node.inputs[0], weight], name=f"{node.name}.matmul")
@@ -194,7 +215,7 @@ def _lower_quantized(model: ir.Model, packed: dict[str, gemv.PackedWeight]) -> d
                 result = add.outputs[0]
             result.shape, result.type = output.shape, output.type
             ir.convenience.replace_nodes_and_values(graph, node, [node], replacement, [output], [result])
-            counts["MatMulNBits"] += 1
+            counts[node.op_type] += 1
         elif node.domain in _STANDARD and node.op_type == "DequantizeLinear":
             array = _dequantize_constant(node)
             if array is None:
@@ -288,8 +309,9 @@ class Prepared:
     #: Every input and output has the same symbolic first dimension: a larger batch can run in compiled-size chunks.
     batch_split: bool
     lowered: dict[str, int]
-    #: MatMulNBits weights by the name of the graph input that stands for each (after the model's own inputs).
-    packed: dict[str, gemv.PackedWeight] = dataclasses.field(default_factory=dict)
+    #: MatMulNBits and ShiftAddMatMul weights by the name of the graph input that stands for each (after the model's
+    #: own inputs).
+    packed: dict[str, gemv.PackedWeight | gemv.SignPlanes] = dataclasses.field(default_factory=dict)
 
 
 def _first_dim(value: ir.Value) -> str | None:
@@ -297,9 +319,9 @@ def _first_dim(value: ir.Value) -> str | None:
     return dims[0].value if dims and not isinstance(dims[0], int) else None
 
 
-def weight_bytes(model: ir.Model, packed: Mapping[str, gemv.PackedWeight]) -> int:
-    """Bytes of the main graph's constant weights as TVM will hold them: float32 initializers, and MatMulNBits
-    weights at their packed size (a matmul with many rows gets a float32 copy instead)."""
+def weight_bytes(model: ir.Model, packed: Mapping[str, gemv.PackedWeight | gemv.SignPlanes]) -> int:
+    """Bytes of the main graph's constant weights as TVM will hold them: float32 initializers, and MatMulNBits and
+    ShiftAddMatMul weights at their packed size (a matmul with many rows gets a float32 copy instead)."""
     constants = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     return constants + sum(w.nbytes for w in packed.values())
 
@@ -323,7 +345,7 @@ def prepare(
     dtypes = {v.name: str(v.dtype.numpy()) for v in model.graph.inputs}
     for value in model.graph.inputs:
         value.shape = ir.Shape(shapes[value.name])
-    packed: dict[str, gemv.PackedWeight] = {}
+    packed: dict[str, gemv.PackedWeight | gemv.SignPlanes] = {}
     lowered = _lower_quantized(model, packed)
     size_mb = weight_bytes(model, packed) / 2**20
     if size_mb > max_weight_mb:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import kiln
+from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.recipes import parse
+from kiln.runtime_ops import shiftadd
 from kiln.targets.ort import SessionSettings
 from kiln.targets.ort.runner import OrtRunner
 from kiln.targets.tvm import gemv, relax_build, runner
@@ -72,7 +74,7 @@ def test_matmulnbits_runs_packed_up_to_max_rows(mlp_path: Path, tmp_path: Path, 
     options = {"dims": {"batch": batch}}
     recipe = rtn_recipe("tvm-llvm", fmt="matmulnbits")
     result = kiln.compile_model(mlp_path, out_dir, recipe, input_shapes={"x": [batch, 64]}, target_options=options)
-    assert result.report["target"]["gemv_kernels"] == {"packed": packed, "float": 0}
+    assert result.report["target"]["gemv_kernels"] == {"packed": packed, "shiftadd": 0, "float": 0}
     x = np.random.default_rng(2).standard_normal((batch, 64)).astype(np.float32)
     assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
 
@@ -81,6 +83,45 @@ def test_float_matmuls_of_one_row_use_the_float_kernel(mlp_path: Path, tmp_path:
     recipe = parse('target = "tvm-llvm"\n[[passes]]\nname = "cleanup.optimize"\n', name="fp32")
     out_dir = tmp_path / "out"
     result = kiln.compile_model(mlp_path, out_dir, recipe, target_options={"dims": {"batch": 1}})
-    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "float": 2}
+    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "shiftadd": 0, "float": 2}
     x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
+    assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("rows", "k", "n", "bits", "group"), [(1, 576, 192, 3, 128), (2, 100, 70, 2, 32), (1, 64, 64, 4, 64)]
+)
+def test_shiftadd_kernel_equals_the_reference(rows: int, k: int, n: int, bits: int, group: int):
+    """The op's numpy reference (kiln.runtime_ops.shiftadd), ragged K included."""
+    rng = np.random.default_rng(4)
+    groups = shiftadd.n_groups(k, group)
+    packed = shiftadd.pack(rng.random((n, bits, k)) > 0.5, rng.integers(-9, 3, (n, bits, groups)), group)
+    weight = gemv.SignPlanes(packed)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    kernel = gemv.shiftadd_gemv(rows, k, gemv.padded(n), bits, group)
+    y = _run(kernel, [x, *weight.kernel_inputs()], (rows, gemv.padded(n)))
+    expected = shiftadd.reference(x, packed)
+    assert np.abs(y[:, :n] - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_array_equal(weight.dequantize(), shiftadd.dequantize(packed).astype(np.float32))
+
+
+@pytest.mark.parametrize(("group", "kernels"), [(32, 2), (16, 0)])
+def test_shiftadd_matmuls_run_on_the_sign_kernel(mlp_path: Path, tmp_path: Path, group: int, kernels: int):
+    """ShiftAddMatMul nodes become the kernel (groups of whole 32-row words) or float weights (groups of 16), with
+    the numbers of the op's function form in ONNX Runtime."""
+    recipe = parse(
+        'target = "tvm-llvm"\n[[passes]]\nname = "shiftadd.bcq"\n'
+        f"options = {{ bits = 3, group_size = {group}, min_elements = 0, compensate = false }}\n"
+        "[verify]\nmin_output_cosine = 0.5\n",
+        name="shiftadd",
+    )
+    rng = np.random.default_rng(5)
+    calibration = CalibrationData([{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(2)])
+    out_dir = tmp_path / "out"
+    result = kiln.compile_model(
+        mlp_path, out_dir, recipe, calibration=calibration, target_options={"dims": {"batch": 1}}
+    )
+    assert result.report["target"]["lowered"] == {"ShiftAddMatMul": 2}
+    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "shiftadd": kernels, "float": 0}
+    x = rng.standard_normal((1, 64)).astype(np.float32)
     assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
