@@ -258,6 +258,8 @@ def misconverted(node: ir.Node, graph_outputs: set[str]) -> str | None:
         return "bfloat16 (converted wrongly)"
     if op == "ConvTranspose" and "output_shape" in node.attributes:
         return "output_shape attribute (ignored by the importer)"
+    if op == "BatchNormalization" and _attr(node, "training_mode", 0):
+        return "training_mode = 1 (batch statistics converted wrongly)"
     if op == "IsInf" and not (_attr(node, "detect_negative", 1) and _attr(node, "detect_positive", 1)):
         return "detect_negative/detect_positive = 0 (ignored by the importer)"
     if op == "Expand" and len(node.inputs) > 1 and node.inputs[1] is not None and _const(node.inputs[1]) is None:
