@@ -8,11 +8,12 @@ form) in ONNX Runtime and compiled by ``tvm-llvm`` (batch 1, the verification fe
 fp32 graph on ``tvm-llvm``. Every compile is verified by kiln as usual (against the fp32 model; a recipe's own loss
 shows in its verification, so out-of-tolerance outputs are kept).
 
-Timing: rounds; in each round every variant runs ``--block`` calls in a row (first call dropped), starting variant
-rotating. Blocks, not single interleaved calls: ONNX Runtime's worker threads spin for a while after each run and
-take both cores from TVM's threads (single calls interleaved measured TVM W4 at 49 ms instead of 13). ONNX Runtime
-sessions keep their default settings (2 threads, spinning on: their fastest here). Prints a markdown table with the
-median ms per token, tokens/s, the ratio to ONNX Runtime W4, the weight bytes each token reads and the time those
+Timing (:func:`kiln.bench.interleaved.time_interleaved` with ``block``): one warm-up round, then rounds; in each
+round every variant runs ``--block`` timed calls in a row after one untimed call, the starting variant rotating.
+Blocks, not single interleaved calls: ONNX Runtime's worker threads spin for a while after each run and take both
+cores from TVM's threads (single calls interleaved measured TVM W4 at 49 ms instead of 13). ONNX Runtime sessions
+keep their default settings (2 threads, spinning on: their fastest here). Prints a markdown table with the median ms
+per token, tokens/s, the ratio to ONNX Runtime W4, the weight bytes each token reads and the time those
 bytes take at the measured memory bandwidth.
 """
 
@@ -21,17 +22,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 import kiln
 from kiln import zoo
 from kiln.bench.bandwidth import measure_bandwidth
+from kiln.bench.interleaved import time_interleaved
 from kiln.compiler import recipes
 from kiln.targets.ort.runner import make_session
 from kiln.targets.tvm.runner import TvmRunner
@@ -103,26 +102,17 @@ def main() -> None:
             else:
                 runner = TvmRunner.from_dir(out)
                 runs[name] = lambda r=runner: r(feed)
-        names = list(runs)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for round_ in range(args.rounds):
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                runs[name]()
-                for _ in range(args.block):
-                    start = time.perf_counter()
-                    runs[name]()
-                    times[name].append(1e3 * (time.perf_counter() - start))
+        latency = time_interleaved(runs, warmup=1, repeats=args.rounds, block=args.block)
         bandwidth = measure_bandwidth().read
-    reference_ms = statistics.median(times[reference])
+    reference_ms = latency[reference].median_ms
     print(
         f"\npast length {past}, batch 1, {args.rounds} rounds x {args.block} calls, TVM_NUM_THREADS="
         f"{os.environ.get('TVM_NUM_THREADS')}, read bandwidth {bandwidth / 1e9:.1f} GB/s\n"
     )
     print(f"| variant | median ms/token | p90 | tokens/s | vs {reference} | weights read | bandwidth floor |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in names:
-        median = statistics.median(times[name])
-        p90 = float(np.percentile(times[name], 90))
+    for name in runs:
+        median, p90 = latency[name].median_ms, latency[name].p90_ms
         floor = 1e3 * bytes_read[name] / bandwidth
         print(
             f"| {name} | {median:.2f} | {p90:.2f} | {1e3 / median:.1f} | {reference_ms / median:.2f}x "

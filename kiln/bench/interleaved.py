@@ -34,10 +34,14 @@ def time_interleaved(
     max_repeats: int = 50,
     progress: Progress | None = None,
     label: str = "timing",
+    block: int = 1,
 ) -> dict[str, Latency]:
     """Median and p90 of each callable, timed round-robin after ``warmup`` untimed rounds (at least one).
 
-    With ``repeats=None`` the warm-up rounds' duration sets the number of timed rounds to fit ``budget_s``.
+    With ``repeats=None`` the warm-up rounds' duration sets the number of timed rounds to fit ``budget_s``. With
+    ``block > 1`` each callable runs ``block`` timed calls in a row per round, after one untimed call: runtimes whose
+    worker threads keep spinning after a call (ONNX Runtime's, by default) would otherwise take the cores from the
+    next callable's threads.
     """
     keys = list(runs)
     start = time.perf_counter()
@@ -51,9 +55,12 @@ def time_interleaved(
     samples: dict[str, list[float]] = {key: [] for key in keys}
     for index in range(repeats):
         for key in keys[index % len(keys) :] + keys[: index % len(keys)]:
-            begin = time.perf_counter()
-            runs[key]()
-            samples[key].append((time.perf_counter() - begin) * 1e3)
+            if block > 1:
+                runs[key]()
+            for _ in range(block):
+                begin = time.perf_counter()
+                runs[key]()
+                samples[key].append((time.perf_counter() - begin) * 1e3)
         if progress is not None and task is not None:
             progress.advance(task)
     if progress is not None and task is not None:

@@ -70,12 +70,11 @@ class PackedWeight:
     bits: int
     block: int
     k: int
+    kind = "packed"
 
     @property
     def n(self) -> int:
         return self.codes.shape[1]
-
-    kind = "packed"
 
     @property
     def nbytes(self) -> int:
@@ -101,16 +100,9 @@ class PackedWeight:
         """(codes ``[N_pad / TILE, K_pad * bits / 32, TILE]`` uint32, scales and scale * zero point ``[N_pad / TILE,
         G, TILE]``): word ``[t, w, c]`` holds the codes of rows ``w * 32 / bits ...`` of column ``t * TILE + c``,
         row by row from the low bits."""
-        per = 32 // self.bits
-        codes = tile_major(self.codes).astype(np.uint32)  # [T, K_pad, TILE]
-        t, k_pad, _ = codes.shape
-        fields = codes.reshape(t, k_pad // per, per, TILE)
-        words = np.zeros((t, k_pad // per, TILE), dtype=np.uint32)
-        for i in range(per):
-            words |= fields[:, :, i, :] << np.uint32(i * self.bits)
         scales = tile_major(self.scales.astype(np.float32))
         offsets = tile_major((self.scales * self.zero_points).astype(np.float32))
-        return [words, scales, offsets]
+        return [_words(tile_major(self.codes), self.bits), scales, offsets]
 
 
 @dataclasses.dataclass
@@ -151,14 +143,21 @@ class SignPlanes:
         w = self.weight
         groups = shiftadd.n_groups(w.k, w.group_size)
         k_pad = groups * w.group_size
-        positive = np.zeros((w.bits, k_pad, w.n), dtype=np.uint32)
+        positive = np.zeros((w.bits, k_pad, w.n), dtype=np.uint8)
         positive[:, : w.k] = (shiftadd.signs(w) > 0).transpose(1, 2, 0)
-        planes = []
-        for plane in positive:
-            rows = tile_major(plane).reshape(-1, k_pad // 32, 32, TILE)  # [T, words, 32, TILE]
-            planes.append(np.bitwise_or.reduce(rows << np.arange(32, dtype=np.uint32)[:, None], axis=2))
+        planes = np.stack([_words(tile_major(plane), 1) for plane in positive], axis=1)
         scales = np.ldexp(np.float32(1), w.exponents.astype(np.int32)).astype(np.float32)  # [N, bits, G]
-        return [np.stack(planes, axis=1), tile_major(scales.reshape(w.n, -1).T)]
+        return [planes, tile_major(scales.reshape(w.n, -1).T)]
+
+
+def _words(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Tile-major codes ``[T, K_pad, TILE]`` -> uint32 words ``[T, K_pad * bits / 32, TILE]``: word ``w`` of a
+    column holds rows ``w * 32 / bits ...`` from the low bits up."""
+    per = 32 // bits
+    t, k_pad, _ = codes.shape
+    fields = codes.astype(np.uint32).reshape(t, k_pad // per, per, TILE)
+    shifts = (np.arange(per, dtype=np.uint32) * bits)[:, None]
+    return np.bitwise_or.reduce(fields << shifts, axis=2)
 
 
 def float_gemv(m: int, k: int, n_pad: int) -> Any:
@@ -186,19 +185,18 @@ def nbits_gemv(m: int, k: int, n_pad: int, bits: int, block: int) -> Any:
     mask = tvm.tirx.const((1 << bits) - 1, "uint32")
     padded_x = _padded_rows(x, groups * block)
 
-    def x_at(i: Any, row: Any) -> Any:
-        return padded_x[i, row]
-
     def code(row: Any, j: Any) -> Any:
         word = codes[j // TILE, row // per, j % TILE]
         return ((word >> (row % per * bits).astype("uint32")) & mask).astype("float32")
 
     kk = te.reduce_axis((0, block), name="kk")
     part = te.compute(
-        (m, groups, n_pad), lambda i, g, j: te.sum(x_at(i, g * block + kk) * code(g * block + kk, j), axis=kk), "part"
+        (m, groups, n_pad),
+        lambda i, g, j: te.sum(padded_x[i, g * block + kk] * code(g * block + kk, j), axis=kk),
+        "part",
     )
     kx = te.reduce_axis((0, block), name="kx")
-    sums = te.compute((m, groups), lambda i, g: te.sum(x_at(i, g * block + kx), axis=kx), name="sums")
+    sums = te.compute((m, groups), lambda i, g: te.sum(padded_x[i, g * block + kx], axis=kx), name="sums")
     g = te.reduce_axis((0, groups), name="g")
     y = te.compute(
         (m, n_pad),
@@ -212,8 +210,8 @@ def nbits_gemv(m: int, k: int, n_pad: int, bits: int, block: int) -> Any:
 
 def shiftadd_gemv(m: int, k: int, n_pad: int, bits: int, group: int) -> Any:
     """Scheduled PrimFunc ``y = x @ W`` on :meth:`SignPlanes.kernel_inputs`: per plane and group, the activations
-    added with the plane's signs (the sign flipped by an XOR of the float's sign bit: no multiplication), then the
-    group's sum scaled by ``2^e``."""
+    added with the plane's signs (``x`` or ``-x`` picked by the sign bit: no multiplication), then the group's sum
+    scaled by ``2^e``."""
     import tvm
     from tvm import te
 
@@ -314,13 +312,11 @@ def use_kernels(
             if isinstance(expr, tvm.ir.expr.Var) and expr.name in packed:
                 return packed[expr.name].kind, packed[expr.name]
             transposed = False
-            if isinstance(expr, tvm.ir.expr.Var):
-                bound = self.lookup_binding(expr)
-                if isinstance(bound, relax.Call) and bound.op == permute and bound.args[0].ty.ndim == 2:
-                    axes = bound.attrs.axes
-                    transposed, expr = axes is None or [int(a) for a in axes] == [1, 0], bound.args[0]
-                    if not transposed:
-                        return None
+            bound = self.lookup_binding(expr) if isinstance(expr, tvm.ir.expr.Var) else None
+            if isinstance(bound, relax.Call) and bound.op == permute and bound.args[0].ty.ndim == 2:
+                # a 2-D permute_dims is the transpose (axes None or [1, 0]) or the identity ([0, 1])
+                axes = bound.attrs.axes
+                transposed, expr = axes is None or [int(a) for a in axes] == [1, 0], bound.args[0]
             value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.expr.GenericConst) else None
             if isinstance(value, tvm.runtime.Tensor) and value.dtype == "float32" and len(value.shape) == 2:
                 array = value.numpy()
@@ -337,9 +333,7 @@ def use_kernels(
             if found is None or x.ty.dtype != "float32" or not isinstance(shape, relax.expr.ShapeExpr):
                 return call
             dims = [d.value if isinstance(d, tvm.ir.prim.expr.IntImm) else None for d in shape.values]
-            if len(dims) < 2:
-                return call
-            if None in dims:
+            if len(dims) < 2 or None in dims:
                 return call
             rows, k = int(np.prod(dims[:-1])), dims[-1]
             kind, weight = found
@@ -349,7 +343,7 @@ def use_kernels(
             n_pad = padded(n)
             if kind == "float":
                 key, make = ("float", rows, k, n_pad), lambda: float_gemv(rows, k, n_pad)
-                args = [relax.const(tile_major(np.ascontiguousarray(weight, dtype=np.float32)))]
+                args = [relax.const(tile_major(weight))]
             else:
                 key, make = weight.kernel(rows, n_pad)
                 args = [relax.const(a) for a in weight.kernel_inputs()]

@@ -54,7 +54,8 @@ _STANDARD = ("", "ai.onnx")
 _MS = "com.microsoft"
 #: Nodes listed per unsupported op in the error message.
 _NODES_SHOWN = 3
-#: Names of the graph inputs that stand for MatMulNBits weights until :func:`kiln.targets.tvm.gemv.use_kernels`.
+#: Names of the graph inputs that stand for MatMulNBits and ShiftAddMatMul weights until
+#: :func:`kiln.targets.tvm.gemv.use_kernels`.
 PACKED_PREFIX = "kiln_packed_weight_"
 _FLOAT = ir.TensorType(ir.DataType.FLOAT)
 
