@@ -1,8 +1,14 @@
-"""TVM vs ONNX Runtime fp32 latency on zoo models: untuned (dlight), tuned, and the second compile's tuning time.
+"""TVM vs ONNX Runtime fp32 latency on zoo models: kiln's default schedules (untuned) and, optionally, tuned.
 
-Usage: ``python tools/tvm_bench.py [--models efficientnet-lite0,minilm-l6] [--trials 200] [--time-budget 600]``.
-Latency is the median of ``--runs`` single-batch calls (EfficientNet batch 1, MiniLM batch 1 x 128 tokens).
-Prints one JSON line per measurement and a table at the end.
+Usage: ``python tools/tvm_bench.py [--models efficientnet-lite0,minilm-l6] [--trials 200,1000] [--time-budget 600]
+[--rounds 8] [--block 5]``.
+
+Every variant is built first (a tuned one twice: the second compile shows the database's reuse), then all are timed
+in one process with :func:`kiln.bench.interleaved.time_interleaved`: rounds in which each variant runs ``--block``
+calls in a row after one untimed call, the starting variant rotating (ONNX Runtime's worker threads spin after a
+call and would take the cores from the next variant's threads). EfficientNet runs batch 1, MiniLM batch 1 x 128
+tokens. Prints one JSON line per build and a markdown table at the end: median and p90 ms, the ratio to ONNX
+Runtime, build and tuning seconds, trials.
 """
 
 from __future__ import annotations
@@ -10,84 +16,79 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
+import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import kiln
 from kiln import zoo
+from kiln.bench.interleaved import time_interleaved
 from kiln.compiler.recipes import parse
-from kiln.targets.ort.runner import OrtRunner
+from kiln.targets.ort.runner import make_session
 
 SHAPES = {"efficientnet-lite0": {"batch": 1}, "minilm-l6": {"batch": 1, "seq": 128}}
 RECIPE = 'target = "tvm-llvm"\n[[passes]]\nname = "cleanup.optimize"\n[verify]\nmin_output_cosine = 0.999\n'
 
 
-def _latency_ms(runner, feed, runs: int) -> float:
-    runner(feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner(feed)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def _first_row(feed: dict) -> dict:
-    return {k: v[:1] for k, v in feed.items()}
+def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:
+    options = {"dims": SHAPES[name], "trials": trials, "time_budget_s": time_budget}
+    start = time.perf_counter()
+    result = kiln.compile_model(name, out, parse(RECIPE, name="tvm"), verify_limit=1, target_options=options)
+    target = result.report["target"]
+    tuning = target.get("tuning", {})
+    return {
+        "build_s": round(time.perf_counter() - start, 1),
+        "tuning_s": round(tuning.get("seconds", 0.0), 1),
+        "trials": tuning.get("trials", 0),
+        "tuned_tasks": tuning.get("tuned_tasks"),
+        "reused_tasks": tuning.get("reused_tasks"),
+        "scheduled": target.get("scheduled_functions"),
+        "cosine": min(o["cosine"] for o in result.verification.to_dict()["outputs"].values()),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="efficientnet-lite0,minilm-l6")
-    parser.add_argument("--trials", default="200", help="comma-separated trial budgets")
+    parser.add_argument("--trials", default="", help="comma-separated trial budgets (none: kiln's schedules only)")
     parser.add_argument("--time-budget", type=float, default=0.0)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--block", type=int, default=5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    rows = []
+    budgets = [int(t) for t in args.trials.split(",") if t]
+    tables = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            path = zoo.export(name)
-            feed = _first_row(zoo.get(name).verification_feeds(limit=1)[0])
-            ort_ms = _latency_ms(OrtRunner.from_path(path), feed, args.runs)
-            rows.append({"model": name, "config": "ort fp32", "ms": ort_ms})
-            print(json.dumps(rows[-1]), flush=True)
-            configs = [("tvm untuned (dlight)", 0)] + [(f"tvm tuned {t}", int(t)) for t in args.trials.split(",")]
-            for label, trials in configs:
-                options = {"dims": SHAPES[name], "trials": trials, "time_budget_s": args.time_budget}
-                for attempt in ("first", "second") if trials else ("first",):
-                    out = Path(tmp) / f"{name}-{trials}-{attempt}"
-                    start = time.perf_counter()
-                    result = kiln.compile_model(
-                        name, out, parse(RECIPE, name="tvm"), verify_limit=1, target_options=options
-                    )
-                    seconds = time.perf_counter() - start
-                    tuning = result.report["target"].get("tuning", {})
-                    row = {
-                        "model": name,
-                        "config": label + ("" if attempt == "first" else " (second compile)"),
-                        "compile_s": round(seconds, 1),
-                        "tuning_s": round(tuning.get("seconds", 0.0), 1),
-                        "trials": tuning.get("trials", 0),
-                        "tasks": tuning.get("tasks"),
-                        "tuned_tasks": tuning.get("tuned_tasks"),
-                        "reused_tasks": tuning.get("reused_tasks"),
-                        "cosine": min(o["cosine"] for o in result.verification.to_dict()["outputs"].values()),
-                    }
-                    row["ms"] = _latency_ms(kiln.targets.load(out), feed, args.runs)
-                    row["vs_ort"] = round(row["ms"] / ort_ms, 2)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    print(f"{'model':20} {'config':40} {'ms':>9} {'x ORT':>7} {'tuning s':>9} {'trials':>7}")
-    for r in rows:
-        print(
-            f"{r['model']:20} {r['config']:40} {r['ms']:9.2f} {r.get('vs_ort', 1.0):7.2f} "
-            f"{r.get('tuning_s', 0):9.1f} {r.get('trials', 0):7}"
-        )
+            feed = {k: v[:1] for k, v in zoo.get(name).verification_feeds(limit=1)[0].items()}
+            session = make_session(zoo.export(name), threads=2)
+            runs: dict[str, Callable[[], object]] = {"ort fp32": lambda s=session, f=feed: s.run(None, f)}
+            builds: dict[str, dict] = {}
+            configs = [("tvm, kiln schedules (untuned)", 0, "first")]
+            configs += [(f"tvm tuned {t}{suffix}", t, suffix) for t in budgets for suffix in ("", ", second compile")]
+            for label, trials, _ in configs:
+                out = Path(tmp) / f"{name}-{len(builds)}"
+                builds[label] = _build(name, out, trials, args.time_budget)
+                print(json.dumps({"model": name, "config": label, **builds[label]}), flush=True)
+                runner = kiln.targets.load(out)
+                runs[label] = lambda r=runner, f=feed: r(f)
+            latency = time_interleaved(runs, warmup=1, repeats=args.rounds, block=args.block)
+            tables.append((name, runs, builds, latency))
+    print(f"\nTVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, {args.rounds} rounds x {args.block} calls\n")
+    print("| model | config | median ms | p90 ms | x ORT | build s | tuning s | trials | min cosine |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, runs, builds, latency in tables:
+        ort = latency["ort fp32"].median_ms
+        for label in runs:
+            lat, b = latency[label], builds.get(label, {})
+            print(
+                f"| {name} | {label} | {lat.median_ms:.2f} | {lat.p90_ms:.2f} | {lat.median_ms / ort:.2f} "
+                f"| {b.get('build_s', '')} | {b.get('tuning_s', '')} | {b.get('trials', '')} | {b.get('cosine', '')} |"
+            )
 
 
 if __name__ == "__main__":

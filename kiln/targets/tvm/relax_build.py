@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 
 from kiln.errors import KilnError, describe
+from kiln.targets.tvm import gemm
 
 logger = logging.getLogger("kiln")
 
@@ -60,7 +61,7 @@ def default_rules(target: Any) -> list[Any]:
     if target.kind.name == "cuda":
         gpu = dlight.gpu
         return [gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
-    return [dlight.cpu.GEMV(), _shared_rows_reduction()]
+    return [gemm.gemm_rule(), dlight.cpu.GEMV(), _shared_rows_reduction()]
 
 
 def _shared_rows_reduction() -> Any:
@@ -120,11 +121,34 @@ def import_onnx(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> Any:
 
 
 def legalize(mod: Any, target: Any) -> Any:
-    """Relax -> fused TIR functions (what tuning extracts tasks from and the schedules apply to)."""
-    from tvm import relax
+    """Relax -> fused TIR functions (what tuning extracts tasks from and the schedules apply to): TVM's ``zero``
+    pipeline, with ``erf`` and ``exp`` in their polynomial forms.
 
+    ``FastMathTransform`` rewrites ``erf``, ``exp`` and ``tanh`` (softmax included), and GELU is legalized with
+    ``fast_erf`` (TVM's own GELU calls ``erf``): the polynomial forms vectorize, where the C library's are scalar
+    calls. Measured on 2^20 values: erf 9.2 -> 0.29 ms (max abs error 3.3e-7), exp 1.5 -> 0.25 ms (max relative
+    error 1.7e-7). MiniLM's GELUs took 7 of its 35 ms; ONNX Runtime's kernels also use approximations of this order.
+    """
+    import tvm
+    from tvm import relax, tirx, topi
+
+    def fast_gelu(bb: Any, call: Any) -> Any:
+        def gelu(x: Any) -> Any:
+            half = tirx.const(0.5, x.dtype)
+            return x * (half + topi.fast_erf(x * tirx.const(0.5**0.5, x.dtype)) * half)
+
+        return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
+
+    passes = [
+        relax.transform.FastMathTransform(),
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.gelu": fast_gelu}),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
     with target:
-        return relax.get_pipeline("zero")(mod)
+        return tvm.transform.Sequential(passes)(mod)
 
 
 def schedule(mod: Any, target: Any, database: Any | None) -> Any:

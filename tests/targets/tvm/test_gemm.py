@@ -1,0 +1,95 @@
+"""kiln's CPU matmul schedule (gemm.py): which functions it takes, and numbers equal to numpy's."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+
+from kiln.targets.tvm import gemm, relax_build
+
+
+def _model(
+    inputs: dict[str, list[int]], nodes: list, output: list[int], weights: dict[str, np.ndarray]
+) -> onnx.ModelProto:
+    graph = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, output)],
+        [onnx.numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 20)])
+
+
+def _compile_and_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, bool]]:
+    """The output of the compiled model, and for each matmul function whether kiln's rule takes it."""
+    import tvm
+
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    shapes = {n: list(a.shape) for n, a in feeds.items()}
+    mod = relax_build.legalize(relax_build.import_onnx(model, shapes), target)
+    rule = gemm.gemm_rule()
+    scheduled = {
+        gv.name_hint: rule.apply(f, target, False) is not None
+        for gv, f in mod.functions_items()
+        if "matmul" in gv.name_hint
+    }
+    mod = relax_build.schedule(mod, target, None)
+    vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in feeds.values()])
+    return out.numpy(), scheduled
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf)
+    return (x * 0.5 * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32)
+
+
+def test_tile_shape_takes_the_first_tile_whose_columns_divide_n():
+    assert gemm.tile_shape(1536) == (6, 16)
+    assert gemm.tile_shape(24) == (12, 8)
+    assert gemm.tile_shape(20) is None
+
+
+def test_matmul_bias_gelu_is_one_scheduled_function_equal_to_numpy():
+    """50 rows: the last 6-row tile is partial; bias and GELU (with TVM's polynomial erf) fused after the tile."""
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((64, 48)).astype(np.float32), rng.standard_normal(48).astype(np.float32)
+    nodes = [
+        oh.make_node("MatMul", ["x", "w"], ["xw"]),
+        oh.make_node("Add", ["xw", "b"], ["h"]),
+        oh.make_node("Gelu", ["h"], ["y"]),
+    ]
+    x = rng.standard_normal((1, 50, 64)).astype(np.float32)
+    got, scheduled = _compile_and_run(_model({"x": [1, 50, 64]}, nodes, [1, 50, 48], {"w": w, "b": b}), {"x": x})
+    assert list(scheduled.values()) == [True] and "gelu" in next(iter(scheduled))
+    np.testing.assert_allclose(got, _gelu(x @ w + b), rtol=1e-5, atol=2e-5)
+
+
+def test_batched_product_of_two_activations():
+    """Attention's shape: both operands are inputs, with two batch axes; N = 24 takes 12 x 8 tiles."""
+    rng = np.random.default_rng(1)
+    q, k = (
+        rng.standard_normal((2, 3, 20, 16)).astype(np.float32),
+        rng.standard_normal((2, 3, 16, 24)).astype(np.float32),
+    )
+    nodes = [oh.make_node("MatMul", ["q", "k"], ["y"])]
+    got, scheduled = _compile_and_run(
+        _model({"q": [2, 3, 20, 16], "k": [2, 3, 16, 24]}, nodes, [2, 3, 20, 24], {}), {"q": q, "k": k}
+    )
+    assert list(scheduled.values()) == [True]
+    np.testing.assert_allclose(got, q @ k, rtol=1e-5, atol=1e-5)
+
+
+def test_a_matmul_without_whole_vectors_keeps_plain_loops():
+    """N = 20 is no multiple of 8 lanes: the function keeps TVM's plain loops, with the same numbers."""
+    rng = np.random.default_rng(2)
+    w, x = rng.standard_normal((32, 20)).astype(np.float32), rng.standard_normal((12, 32)).astype(np.float32)
+    got, scheduled = _compile_and_run(
+        _model({"x": [12, 32]}, [oh.make_node("MatMul", ["x", "w"], ["y"])], [12, 20], {"w": w}), {"x": x}
+    )
+    assert scheduled and not any(scheduled.values())
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
