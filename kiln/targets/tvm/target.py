@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 from kiln.errors import KilnError, describe
 from kiln.targets.base import Target
-from kiln.targets.tvm import gemv, lower, relax_build, tune
+from kiln.targets.tvm import gemv, layout, lower, relax_build, tune
 from kiln.targets.tvm.runner import LIBRARY, METADATA, TvmRunner
 
 logger = logging.getLogger("kiln")
@@ -129,7 +129,10 @@ class TvmTarget(Target):
         target = self.tvm_target()
         with _tvm_errors(model_file, "import"):
             mod = relax_build.import_onnx(prepared.proto, prepared.shapes)
-            mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), target.kind.name == "llvm")
+            cpu = target.kind.name == "llvm"
+            mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu)
+            if cpu:
+                mod = layout.channels_last(mod)
             mod = relax_build.legalize(mod, target)
         details: dict[str, Any] = {
             "options": dataclasses.asdict(opts),

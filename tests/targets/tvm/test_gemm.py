@@ -7,8 +7,11 @@ import math
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnxruntime as ort
+import pytest
 
-from kiln.targets.tvm import gemm, relax_build
+from kiln.targets.tvm import gemm, layout, relax_build
+from tests.targets.tvm.test_layout import conv_model
 
 
 def _model(
@@ -50,7 +53,9 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def test_tile_shape_takes_the_first_tile_whose_columns_divide_n():
     assert gemm.tile_shape(1536) == (6, 16)
-    assert gemm.tile_shape(24) == (12, 8)
+    assert gemm.tile_shape(24) == (4, 24)
+    assert gemm.tile_shape(40) == (2, 40)
+    assert gemm.tile_shape(56) == (12, 8)
     assert gemm.tile_shape(20) is None
 
 
@@ -70,7 +75,8 @@ def test_matmul_bias_gelu_is_one_scheduled_function_equal_to_numpy():
 
 
 def test_batched_product_of_two_activations():
-    """Attention's shape: both operands are inputs, with two batch axes; N = 24 takes 12 x 8 tiles."""
+    """Attention's shape: both operands are inputs, with two batch axes (B's: parallel with its column tiles);
+    N = 24 takes 4 x 24 tiles."""
     rng = np.random.default_rng(1)
     q, k = (
         rng.standard_normal((2, 3, 20, 16)).astype(np.float32),
@@ -93,3 +99,23 @@ def test_a_matmul_without_whole_vectors_keeps_plain_loops():
     )
     assert scheduled and not any(scheduled.values())
     np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [16, 24])
+def test_channels_last_convolutions_are_taken_and_match_onnxruntime(channels: int):
+    """A 3x3 stride-2 conv, a depthwise 3x3 and a 1x1 conv on a 7x7 map, NHWC: the rule takes each (16 channels:
+    6x16 tiles, one column tile, so rows in chunks; 24: 4x24 tiles; the 7x7 1x1 conv as 49 fused rows), and the
+    compiled block equals ONNX Runtime."""
+    import tvm
+
+    model = conv_model(channels)
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    mod = relax_build.legalize(layout.channels_last(relax_build.import_onnx(model, {"x": [1, 3, 14, 14]})), target)
+    rule = gemm.gemm_rule()
+    convs = {gv.name_hint: f for gv, f in mod.functions_items() if "conv2d" in gv.name_hint}
+    assert len(convs) == 3 and all(rule.apply(f, target, False) is not None for f in convs.values())
+    built = relax_build.compile_module(relax_build.schedule(mod, target, None), target)
+    x = np.random.default_rng(3).standard_normal((1, 3, 14, 14)).astype(np.float32)
+    got = tvm.relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
