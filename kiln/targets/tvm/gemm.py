@@ -91,8 +91,8 @@ def gemm_rule() -> Any:
             rows, columns = shape
             block = main.block_rv
             # batch loops that B's indices use (attention's heads) run in parallel with the column tiles; the others
-            # (a convolution's output rows, a batch sharing one weight) become rows of the product, fused with i: a
-            # 7x7 feature map is then 49 rows in tiles of 6, not 7 rows of 7 pixels in tiles of 6 and 1
+            # (a convolution's output rows, a batch sharing one weight) run inside a column tile, so that its panel
+            # of B is copied once, or, with one reduction and a wasteful last row tile, fuse with i (ROW_WASTE)
             used = _vars_in(sch.get(block).reads[operand])
             outer = [n for n, it in enumerate(main.iters[: spatial - 2]) if any(it.var.same_as(v) for v in used)]
             if len(infos) == 2:
