@@ -26,7 +26,7 @@ too. The output's rows of pixels are loops B does not use, so they run inside a 
 unless the tiles are too few for the threads.
 
 Measured with ``tools/tvm_bench.py`` (untuned, 2 threads, interleaved with ONNX Runtime fp32 in one process):
-MiniLM 22.5 ms against ONNX Runtime's 23.2 ms; EfficientNet-Lite0 8.1 ms against 6.6 ms.
+MiniLM 21.4 ms against ONNX Runtime's 21.9 ms; EfficientNet-Lite0 7.9 ms against 6.3 ms.
 """
 
 from __future__ import annotations
