@@ -355,8 +355,8 @@ def prepare(
         raise KilnError(
             f"{model_file}: {size_mb:.0f} MB of weights once lowered for TVM (blocked DequantizeLinear weights become "
             "float32), over "
-            f"max_weight_mb ({max_weight_mb:.0f}); untuned TVM runs large matmuls as plain loops and tuning such a "
-            "model takes hours on this machine (raise max_weight_mb to try anyway)"
+            f"max_weight_mb ({max_weight_mb:.0f}): import and compilation hold the weights several times over in "
+            "memory (raise max_weight_mb to compile it anyway; SmolLM2's 538 MB peaked at 4.9 GB)"
         )
     onnxscript.optimizer.optimize(model, num_iterations=2)
     check_supported(model, model_file)

@@ -1,12 +1,14 @@
-"""ONNX -> Relax -> a compiled library, with MetaSchedule records where tuned and dlight defaults elsewhere.
+"""ONNX -> Relax -> a compiled library, with MetaSchedule records where tuned and default rules elsewhere.
 
 Flow (TVM 0.27): ``from_onnx`` with every weight as a Relax constant (so ``FoldConstant`` sees them and the
 library carries them: there is no separate parameter file to keep in sync) -> kiln's scheduled matrix-vector kernels
-for matmuls of a few rows (:mod:`kiln.targets.tvm.gemv`, CPU only) -> the ``zero`` pipeline (legalize to TIR, fuse)
--> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> dlight's rules for the functions still
-unscheduled -> ``tvm.compile``. On a CPU, untuned functions that no rule matches (convolutions, matmuls of many
-rows) stay as plain single-threaded loops: that is what "untuned" costs. On a GPU, dlight's fallback rule binds
-every remaining loop nest to blocks and threads, since an unbound one cannot run there.
+for matmuls of a few rows (:mod:`kiln.targets.tvm.gemv`, CPU only) -> channels-last convolutions
+(:mod:`kiln.targets.tvm.layout`, CPU only) -> :func:`legalize` (TVM's ``zero`` pipeline with polynomial
+``erf``/``exp``) -> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> :func:`default_rules` for the
+functions still unscheduled (on a CPU kiln's matmul/convolution rule, :mod:`kiln.targets.tvm.gemm`, then dlight's
+GEMV and reduction rules; what none matches, mostly elementwise functions, stays plain loops) -> ``tvm.compile``.
+On a GPU, dlight's fallback rule binds every remaining loop nest to blocks and threads, since an unbound one cannot
+run there.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def cuda_target(arch: str, host: Any) -> Any:
 
 
 def default_rules(target: Any) -> list[Any]:
-    """dlight's default schedule rules for ``target``'s kind, most specific first."""
+    """The untuned schedule rules for ``target``'s kind, most specific first (on a CPU, kiln's matmul rule first)."""
     from tvm.s_tir import dlight
 
     if target.kind.name == "cuda":
