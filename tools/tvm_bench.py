@@ -8,8 +8,7 @@ in one process with :func:`kiln.bench.interleaved.time_interleaved`: rounds in w
 calls in a row after one untimed call, the starting variant rotating (ONNX Runtime's worker threads spin after a
 call and would take the cores from the next variant's threads). EfficientNet runs batch 1, MiniLM batch 1 x 128
 tokens, SmolLM2 (``--models smollm2-135m``) a prefill of 1 x 512 tokens. Prints one JSON line per build and a
-markdown table at the end: median and p90 ms, the ratio to ONNX
-Runtime, build and tuning seconds, trials.
+markdown table at the end: median and p90 ms, the ratio to ONNX Runtime, build and tuning seconds, trials.
 """
 
 from __future__ import annotations

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Opaque elementwise PrimFuncs of TVM's Clip converter -> the Relax op each computes.
-_CLIP_PARTS = ("maximum", "minimum")
-
 
 def channels_last(mod: Any) -> Any:
     """``mod`` with NHWC convolutions (module docstring); unchanged when it has none."""
