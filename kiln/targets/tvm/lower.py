@@ -23,8 +23,9 @@ Reshape chains leave tensors of unknown shape). :func:`prepare` rewrites a copy 
    * ``DequantizeLinear(x, scale[, zero_point])`` with constant inputs (per-tensor, per-axis or blocked) ->
      the constant ``(x - zero_point) * scale``, the scale repeated ``block_size`` times along ``axis`` when blocked.
 
-   DequantizeLinear of activations (QDQ patterns) is left to the importer, which lowers per-tensor and per-axis
-   quantization; blocked activation quantization is reported as unsupported.
+   On CPU targets a QDQ MatMul (both inputs dequantized, the weight constant) becomes ``MatMulInteger`` first
+   (:mod:`kiln.targets.tvm.qdq`). Other DequantizeLinear of activations is left to the importer, which lowers
+   per-tensor and per-axis quantization; blocked activation quantization is reported as unsupported.
 3. **Folding**: onnxscript's optimizer folds the now-static shape computations into constants.
 4. **Check**: every remaining op must have a converter in the importer, and no node may use a form the
    importer converts wrongly (:func:`misconverted`, found by running ONNX's per-operator tests through this target);
@@ -48,7 +49,7 @@ from kiln.compiler import io
 from kiln.errors import KilnError
 from kiln.passes.quantize.pack import unpack_bits
 from kiln.runtime_ops import shiftadd
-from kiln.targets.tvm import gemv
+from kiln.targets.tvm import gemv, qdq
 
 _STANDARD = ("", "ai.onnx")
 _MS = "com.microsoft"
@@ -330,11 +331,16 @@ def weight_bytes(model: ir.Model, packed: Mapping[str, gemv.PackedWeight | gemv.
 
 
 def prepare(
-    model_file: Path, input_shapes: Mapping[str, list[int]], dims: Mapping[str, int], max_weight_mb: float = math.inf
+    model_file: Path,
+    input_shapes: Mapping[str, list[int]],
+    dims: Mapping[str, int],
+    max_weight_mb: float = math.inf,
+    integer_qdq: bool = False,
 ) -> Prepared:
     """Fix shapes, lower quantized weights, fold, and check every op (see the module docstring).
 
-    Weights over ``max_weight_mb`` after lowering are a KilnError (checked before folding and import).
+    Weights over ``max_weight_mb`` after lowering are a KilnError (checked before folding and import). With
+    ``integer_qdq``, QDQ matmuls become integer matmuls first (:func:`kiln.targets.tvm.qdq.integer_matmuls`).
     """
     model = io.load(model_file, check=False)
     for value in [*model.graph.inputs, *model.graph.outputs]:
@@ -349,7 +355,10 @@ def prepare(
     for value in model.graph.inputs:
         value.shape = ir.Shape(shapes[value.name])
     packed: dict[str, gemv.PackedWeight | gemv.SignPlanes] = {}
+    integer = qdq.integer_matmuls(model) if integer_qdq else 0
     lowered = _lower_quantized(model, packed)
+    if integer:
+        lowered["QDQ MatMul"] = integer
     size_mb = weight_bytes(model, packed) / 2**20
     if size_mb > max_weight_mb:
         raise KilnError(

@@ -2,7 +2,8 @@
 (Relax) into one shared library.
 
 Build: :func:`kiln.targets.tvm.lower.prepare` (static shapes, quantized weights lowered, folding, op check, all
-before any long work) -> Relax import -> kiln's GEMV kernels (:mod:`kiln.targets.tvm.gemv`) -> MetaSchedule
+before any long work) -> Relax import -> kiln's GEMV kernels (:mod:`kiln.targets.tvm.gemv`) -> on CPUs, int16
+operands for QDQ's integer matmuls (:mod:`kiln.targets.tvm.qdq`) and channels-last convolutions -> MetaSchedule
 tuning when ``trials > 0`` (:mod:`kiln.targets.tvm.tune`, database reused across compiles) -> tuned schedules
 plus dlight defaults -> ``tvm.compile``.
 
@@ -26,6 +27,8 @@ Options (every TVM target):
   DequantizeLinear weights as float32), exceed this (default 256), before import: import and compilation hold the
   weights several times over (SmolLM2 in fp32, 538 MB: 4.9 GB peak, about a minute to build and verify at 512 tokens;
   its 512-token prefill then takes 1.02-1.09x ONNX Runtime's time). Raise it for such models.
+* ``integer_qdq`` (CPU targets, default true): QDQ matmuls with constant weights run as integer matmuls
+  (:mod:`kiln.targets.tvm.qdq`); false keeps the importer's dequantize-then-float32 form.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any, ClassVar
 
 from kiln.errors import KilnError, describe
 from kiln.targets.base import Target
-from kiln.targets.tvm import gemv, layout, lower, relax_build, tune
+from kiln.targets.tvm import gemv, layout, lower, qdq, relax_build, tune
 from kiln.targets.tvm.runner import LIBRARY, METADATA, TvmRunner
 
 logger = logging.getLogger("kiln")
@@ -66,6 +69,7 @@ class TvmOptions:
     rpc_tracker: str = ""
     rpc_key: str = ""
     max_weight_mb: float = 256.0
+    integer_qdq: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.dims, dict) or not all(
@@ -80,6 +84,8 @@ class TvmOptions:
             raise ValueError(f"input_shapes must map input names to lists of positive ints, got {self.input_shapes!r}")
         if self.trials < 0 or self.time_budget_s < 0 or self.num_cores < 0 or self.max_weight_mb <= 0:
             raise ValueError("trials, time_budget_s and num_cores must be >= 0, max_weight_mb > 0")
+        if not isinstance(self.integer_qdq, bool):
+            raise ValueError(f"integer_qdq must be true or false, got {self.integer_qdq!r}")
         if self.rpc_tracker:
             tune.RpcSpec.parse(self.rpc_tracker, self.rpc_key)
 
@@ -125,13 +131,15 @@ class TvmTarget(Target):
     def build(self, model_file: Path, out_dir: Path) -> dict[str, Any]:
         opts = self.options
         start = time.perf_counter()
-        prepared = lower.prepare(model_file, opts.input_shapes, opts.dims, opts.max_weight_mb)
         target = self.tvm_target()
+        cpu = target.kind.name == "llvm"
+        integer = cpu and opts.integer_qdq
+        prepared = lower.prepare(model_file, opts.input_shapes, opts.dims, opts.max_weight_mb, integer_qdq=integer)
         with _tvm_errors(model_file, "import"):
             mod = relax_build.import_onnx(prepared.proto, prepared.shapes)
-            cpu = target.kind.name == "llvm"
             mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu)
             if cpu:
+                mod = qdq.narrow(mod) if prepared.lowered.get("QDQ MatMul") else mod
                 mod = layout.channels_last(mod)
             mod = relax_build.legalize(mod, target)
         details: dict[str, Any] = {

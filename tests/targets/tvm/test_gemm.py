@@ -119,3 +119,38 @@ def test_channels_last_convolutions_are_taken_and_match_onnxruntime(channels: in
     got = tvm.relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int_tile_shape_takes_rows_that_divide_m():
+    assert gemm.int_tile_shape(128, 1536) == (4, 16)
+    assert gemm.int_tile_shape(128, 24) == (8, 8)
+    assert gemm.int_tile_shape(10, 24) == (2, 8)
+    assert gemm.int_tile_shape(7, 32) == (1, 16)
+    assert gemm.int_tile_shape(8, 20) is None
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(128, 64, 48), (10, 30, 24), (7, 31, 16)])
+def test_int16_products_sum_pairs_with_pmaddwd_exactly(m: int, k: int, n: int):
+    """int16 x int16 -> int32 (QDQ's integer matmuls): pairs of k in one vpmaddwd where k is even, exact sums."""
+    import tvm
+    from tvm import te
+    from tvm.target import codegen
+
+    a = te.placeholder((m, k), "int16", name="a")
+    b = te.placeholder((k, n), "int16", name="b")
+    r = te.reduce_axis((0, k), "r")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, r].astype("int32") * b[r, j].astype("int32"), axis=r), name="c")
+    d = te.compute((m, n), lambda i, j: c[i, j].astype("float32") * 0.5, name="d")
+    func = te.create_prim_func([a, b, d]).with_attr("global_symbol", "main")
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    with target:
+        sch = gemm.gemm_rule().apply(func, target, False)
+    assert sch is not None
+    paired = "llvm.x86.avx2.pmadd.wd" in sch.mod["main"].script()
+    assert paired == (k % 2 == 0 and codegen.target_has_features("avx2", target))
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target)
+    rng = np.random.default_rng(0)
+    x, w = rng.integers(-255, 256, (m, k)).astype(np.int16), rng.integers(-255, 256, (k, n)).astype(np.int16)
+    out = tvm.runtime.tensor(np.zeros((m, n), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    np.testing.assert_array_equal(out.numpy(), (x.astype(np.int64) @ w.astype(np.int64) * 0.5).astype(np.float32))
