@@ -1,7 +1,10 @@
 """TVM vs ONNX Runtime fp32 latency on zoo models: kiln's default schedules (untuned) and, optionally, tuned.
 
 Usage: ``python tools/tvm_bench.py [--models efficientnet-lite0,minilm-l6] [--trials 200,1000] [--time-budget 600]
-[--rounds 8] [--block 5]``.
+[--rounds 8] [--block 5] [--int8]``.
+
+With ``--int8``, kiln's int8-static output (QDQ) joins the same run three ways: ONNX Runtime (its int8 kernels), TVM
+with integer matmuls (:mod:`kiln.targets.tvm.qdq`) and TVM with ``integer_qdq=false`` (dequantize, then float32).
 
 Every variant is built first (a tuned one twice: the second compile shows the database's reuse), then all are timed
 in one process with :func:`kiln.bench.interleaved.time_interleaved`: rounds in which each variant runs ``--block``
@@ -36,6 +39,16 @@ SHAPES = {
 #: SmolLM2's 538 MB of fp32 weights are over the target's default limit (256 MB).
 MAX_WEIGHT_MB = 1024
 RECIPE = 'target = "tvm-llvm"\n[[passes]]\nname = "cleanup.optimize"\n[verify]\nmin_output_cosine = 0.999\n'
+#: kiln's int8-static recipe (QDQ, min-max calibration), for ``--int8``; TARGET is filled in.
+INT8_RECIPE = """target = "TARGET"
+[[passes]]
+name = "cleanup.optimize"
+[[passes]]
+name = "quantize.static-int8"
+options = { method = "minmax" }
+[verify]
+min_output_cosine = 0.97
+"""
 
 
 def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:
@@ -55,6 +68,20 @@ def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:
     }
 
 
+def _build_int8(name: str, out: Path, target: str, integer: bool) -> dict:
+    """kiln's int8-static output for ``target`` (ort-cpu, or tvm-llvm with or without integer matmuls)."""
+    options = {"dims": SHAPES[name], "integer_qdq": integer} if target.startswith("tvm") else None
+    recipe = parse(INT8_RECIPE.replace("TARGET", target), name="int8-static")
+    start = time.perf_counter()
+    result = kiln.compile_model(name, out, recipe, verify_limit=1, target_options=options, accept_out_of_tolerance=True)
+    lowered = result.report["target"].get("lowered", {})
+    return {
+        "build_s": round(time.perf_counter() - start, 1),
+        "integer_matmuls": lowered.get("QDQ MatMul", 0),
+        "cosine": min(o["cosine"] for o in result.verification.to_dict()["outputs"].values()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="efficientnet-lite0,minilm-l6")
@@ -62,6 +89,11 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=0.0)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--block", type=int, default=5)
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also kiln's int8-static: ONNX Runtime's int8 kernels, TVM integer matmuls, TVM dequantize-then-float",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxscript", "onnx_ir"):
@@ -79,6 +111,14 @@ def main() -> None:
             for label, trials, _ in configs:
                 out = Path(tmp) / f"{name}-{len(builds)}"
                 builds[label] = _build(name, out, trials, args.time_budget)
+                print(json.dumps({"model": name, "config": label, **builds[label]}), flush=True)
+                runner = kiln.targets.load(out)
+                runs[label] = lambda r=runner, f=feed: r(f)
+            int8 = [("int8 ort", "ort-cpu", False), ("int8 tvm, integer", "tvm-llvm", True)]
+            int8 += [("int8 tvm, dequantize-then-float", "tvm-llvm", False)]
+            for label, target, integer in int8 if args.int8 else []:
+                out = Path(tmp) / f"{name}-{len(builds)}"
+                builds[label] = _build_int8(name, out, target, integer)
                 print(json.dumps({"model": name, "config": label, **builds[label]}), flush=True)
                 runner = kiln.targets.load(out)
                 runs[label] = lambda r=runner, f=feed: r(f)

@@ -86,3 +86,32 @@ def test_a_model_without_convolutions_is_returned_as_is():
     )
     mod = relax_build.import_onnx(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), {"x": [2, 3]})
     assert layout.channels_last(mod).same_as(mod)
+
+
+def test_per_tensor_quantize_dequantize_follow_the_layout():
+    """A QDQ pair on the block's activations (as static int8 leaves them) stays between NHWC convolutions."""
+    import tvm
+
+    model = conv_model()
+    graph = model.graph
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array(6.0 / 255, np.float32), "s"),
+            onnx.numpy_helper.from_array(np.array(0, np.uint8), "z"),
+        ]
+    )
+    clip = next(n for n in graph.node if n.output[0] == "r0")
+    clip.output[0] = "r0f"
+    at = list(graph.node).index(clip) + 1
+    graph.node.insert(at, oh.make_node("QuantizeLinear", ["r0f", "s", "z"], ["r0q"]))
+    graph.node.insert(at + 1, oh.make_node("DequantizeLinear", ["r0q", "s", "z"], ["r0"]))
+    mod = layout.channels_last(relax_build.import_onnx(model, {"x": [1, 3, 14, 14]}))
+    ops = _ops(mod)
+    assert "relax.quantize" not in ops and "relax.dequantize" not in ops
+    assert ops.count("relax.permute_dims") == 2 and ops.count("relax.round") == 1
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    built = relax_build.compile_module(relax_build.schedule(relax_build.legalize(mod, target), target, None), target)
+    x = np.random.default_rng(1).standard_normal((1, 3, 14, 14)).astype(np.float32)
+    got = tvm.relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
