@@ -24,7 +24,8 @@ Reshape chains leave tensors of unknown shape). :func:`prepare` rewrites a copy 
      the constant ``(x - zero_point) * scale``, the scale repeated ``block_size`` times along ``axis`` when blocked.
 
    On CPU targets a QDQ MatMul (both inputs dequantized, the weight constant) becomes ``MatMulInteger`` first
-   (:mod:`kiln.targets.tvm.qdq`). Other DequantizeLinear of activations is left to the importer, which lowers
+   (:mod:`kiln.targets.tvm.qdq`); ``com.microsoft.DynamicQuantizeMatMul`` becomes ``DynamicQuantizeLinear`` +
+   ``MatMulInteger`` on every target. Other DequantizeLinear of activations is left to the importer, which lowers
    per-tensor and per-axis quantization; blocked activation quantization is reported as unsupported.
 3. **Folding**: onnxscript's optimizer folds the now-static shape computations into constants.
 4. **Check**: every remaining op must have a converter in the importer, and no node may use a form the
@@ -356,9 +357,12 @@ def prepare(
         value.shape = ir.Shape(shapes[value.name])
     packed: dict[str, gemv.PackedWeight | gemv.SignPlanes] = {}
     integer = qdq.integer_matmuls(model) if integer_qdq else 0
+    dynamic = qdq.dynamic_matmuls(model)
     lowered = _lower_quantized(model, packed)
     if integer:
         lowered["QDQ MatMul"] = integer
+    if dynamic:
+        lowered["DynamicQuantizeMatMul"] = dynamic
     size_mb = weight_bytes(model, packed) / 2**20
     if size_mb > max_weight_mb:
         raise KilnError(

@@ -102,11 +102,38 @@ class QdqMatMulToInteger(RewriteRuleClassBase):
         return op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.initializer(ir.tensor(scale), name=f"{w.name}.scale"))
 
 
+class DynamicQuantizeMatMulToInteger(RewriteRuleClassBase):
+    """``com.microsoft.DynamicQuantizeMatMul(A, Wq, s[, z][, bias])`` (kiln's ``int8-dynamic``), which TVM's importer
+    lacks, -> its standard form ``Mul(Cast(MatMulInteger(DynamicQuantizeLinear(A), Wq, z_a, z)), s_a * s) [+ bias]``
+    (``quantize.dynamic-int8``'s "onnx" format)."""
+
+    def pattern(self, op: Any, a: ir.Value, codes: ir.Value, scale: ir.Value) -> ir.Value:
+        return op.DynamicQuantizeMatMul(
+            a, codes, scale, _domain="com.microsoft", _allow_other_inputs=True, _outputs=["y"]
+        )
+
+    def rewrite(self, op: Any, a: ir.Value, codes: ir.Value, scale: ir.Value, y: ir.Value) -> ir.Value:
+        node = y.producer()
+        zero, bias = (node.inputs[i] if len(node.inputs) > i else None for i in (3, 4))
+        a_q, a_scale, a_zero = op.DynamicQuantizeLinear(a, _outputs=3)
+        inputs = [a_q, codes, a_zero] + ([zero] if zero is not None else [])
+        product = op.Mul(op.Cast(op.MatMulInteger(*inputs), to=ir.DataType.FLOAT), op.Mul(a_scale, scale))
+        return product if bias is None else op.Add(product, bias)
+
+
 def integer_matmuls(model: ir.Model) -> int:
     """Rewrite every eligible QDQ MatMul of ``model``'s main graph in place (module docstring); return the count."""
-    rules = RewriteRuleSet([QdqMatMulToInteger.rule(remove_nodes=False)])
+    return _apply(model, QdqMatMulToInteger.rule(remove_nodes=False))
+
+
+def dynamic_matmuls(model: ir.Model) -> int:
+    """Rewrite every DynamicQuantizeMatMul of ``model``'s main graph to standard ops in place; return the count."""
+    return _apply(model, DynamicQuantizeMatMulToInteger.rule())
+
+
+def _apply(model: ir.Model, rule: Any) -> int:
     before = sum(n.op_type == "MatMulInteger" for n in model.graph)
-    rewrite(model, pattern_rewrite_rules=rules)
+    rewrite(model, pattern_rewrite_rules=RewriteRuleSet([rule]))
     return sum(n.op_type == "MatMulInteger" for n in model.graph) - before
 
 
@@ -147,12 +174,16 @@ def narrow(mod: Any) -> Any:
             bound = self._bound(expr)
             if isinstance(bound, relax.Call) and bound.op == subtract:
                 zero = self._constant(bound.args[1])
-                if zero is None or zero.size != 1 or abs(int(zero.reshape(()))) > 255:
+                fixed = zero is not None and zero.size == 1 and abs(int(zero.reshape(()))) <= 255
+                if not fixed and not self._code(bound.args[1]):  # a run-time zero point: an 8-bit value too
                     return None
                 bound = self._bound(bound.args[0])
-            if isinstance(bound, relax.Call) and bound.op == astype and bound.args[0].ty.dtype in ("uint8", "int8"):
-                return relax.op.astype(expr, "int16")
-            return None
+            return relax.op.astype(expr, "int16") if self._code(bound) else None
+
+        def _code(self, expr: Any) -> bool:
+            """Whether ``expr`` is an 8-bit tensor cast to a wider integer type."""
+            bound = self._bound(expr)
+            return isinstance(bound, relax.Call) and bound.op == astype and bound.args[0].ty.dtype in ("uint8", "int8")
 
         def visit_call_(self, call: Any) -> Any:
             call = self.visit_expr_post_order(call)

@@ -139,7 +139,8 @@ class TvmTarget(Target):
             mod = relax_build.import_onnx(prepared.proto, prepared.shapes)
             mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu)
             if cpu:
-                mod = qdq.narrow(mod) if prepared.lowered.get("QDQ MatMul") else mod
+                integer = any(prepared.lowered.get(k) for k in ("QDQ MatMul", "DynamicQuantizeMatMul"))
+                mod = qdq.narrow(mod) if integer else mod
                 mod = layout.channels_last(mod)
             mod = relax_build.legalize(mod, target)
         details: dict[str, Any] = {

@@ -120,3 +120,68 @@ def test_float_models_are_left_alone():
     model = ir.from_proto(_model({"x": [4, 8]}, [oh.make_node("MatMul", ["x", "w"], ["y"])], [4, 16], {"w": w}))
     assert qdq.integer_matmuls(model) == 0
     assert [n.op_type for n in model.graph] == ["MatMul"]
+
+
+def dynamic_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``y = com.microsoft.DynamicQuantizeMatMul(x, wq, s, z, b)`` (kiln's int8-dynamic form) and its constants."""
+    rng = np.random.default_rng(2)
+    inits = {
+        "wq": rng.integers(0, 256, (K, N)).astype(np.uint8),
+        "s": (rng.random(N) * 0.01 + 0.001).astype(np.float32),
+        "z": np.full(N, 128, np.uint8),
+        "b": rng.standard_normal(N).astype(np.float32),
+    }
+    node = oh.make_node("DynamicQuantizeMatMul", ["x", "wq", "s", "z", "b"], ["y"], domain="com.microsoft")
+    graph = oh.make_graph(
+        [node],
+        "dynamic",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, M, K])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, M, N])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    opsets = [oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)]
+    return oh.make_model(graph, opset_imports=opsets), inits
+
+
+def _dynamic_reference(x: np.ndarray, c: dict[str, np.ndarray]) -> np.ndarray:
+    """ONNX's DynamicQuantizeLinear of x, then the integer product, rescaled, plus the bias."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = np.float32((high - low) / 255)
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    xq = np.clip(np.rint(x / scale) + zero, 0, 255)
+    product = (xq - zero).astype(np.int64) @ (c["wq"].astype(np.int64) - c["z"].astype(np.int64))
+    return (product * (scale * c["s"]) + c["b"]).astype(np.float32)
+
+
+def test_dynamic_quantize_matmul_becomes_standard_integer_ops():
+    model, constants = dynamic_model()
+    rewritten = ir.from_proto(model)
+    assert qdq.dynamic_matmuls(rewritten) == 1
+    ops = [n.op_type for n in rewritten.graph]
+    assert "DynamicQuantizeMatMul" not in ops and {"DynamicQuantizeLinear", "MatMulInteger"} <= set(ops)
+    x = _x()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the ops as written
+    got = ort.InferenceSession(ir.to_proto(rewritten).SerializeToString(), options).run(None, {"x": x})[0]
+    expected = _dynamic_reference(x, constants)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_compiled_dynamic_quantize_matmul_runs_on_int16_pairs(tmp_path: Path):
+    import tvm
+
+    model, constants = dynamic_model()
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, path)
+    prepared = lower.prepare(path, {}, {})
+    assert prepared.lowered["DynamicQuantizeMatMul"] == 1
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    mod = qdq.narrow(relax_build.import_onnx(prepared.proto, prepared.shapes))
+    mod = relax_build.schedule(relax_build.legalize(mod, target), target, None)
+    matmuls = [f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
+    assert len(matmuls) == 1 and '"int16"' in matmuls[0]  # the run-time zero point is 8-bit too
+    vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
+    x = _x()
+    expected = _dynamic_reference(x, constants)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
