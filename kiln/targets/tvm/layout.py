@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.targets.tvm import relax_build
+
 
 def channels_last(mod: Any) -> Any:
     """``mod`` with NHWC convolutions (module docstring); unchanged when it has none."""
@@ -72,10 +74,7 @@ def _clip_as_ops(mod: Any) -> Any:
                 return call
             return ops[name](args[0], bound)
 
-    main = mod.get_global_var("main")
-    rewriter = ClipAsOps(mod)
-    rewriter.builder_.update_func(main, rewriter.visit_expr(mod["main"]))
-    return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+    return relax_build.rewrite_main(mod, ClipAsOps(mod))
 
 
 def _qdq_as_ops(mod: Any) -> Any:
@@ -87,9 +86,8 @@ def _qdq_as_ops(mod: Any) -> Any:
     quantize, dequantize = tvm.ir.Op.get("relax.quantize"), tvm.ir.Op.get("relax.dequantize")
 
     def scalar(expr: Any) -> float | None:
-        if not isinstance(expr, tvm.ir.expr.GenericConst) or expr.value.numpy().size != 1:
-            return None
-        return expr.value.numpy().reshape(()).item()
+        values = expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
+        return None if values is None or values.size != 1 else values.reshape(()).item()
 
     @relax.expr_functor.mutator
     class QdqAsOps(relax.PyExprMutator):
@@ -112,7 +110,4 @@ def _qdq_as_ops(mod: Any) -> Any:
             clipped = relax.op.minimum(relax.op.maximum(value, low), high)  # ConvertLayout cannot follow clip
             return relax.op.astype(clipped, str(call.attrs.out_dtype))
 
-    main = mod.get_global_var("main")
-    rewriter = QdqAsOps(mod)
-    rewriter.builder_.update_func(main, rewriter.visit_expr(mod["main"]))
-    return rewriter.builder_.get()
+    return relax_build.rewrite_main(mod, QdqAsOps(mod))

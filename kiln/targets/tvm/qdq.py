@@ -34,12 +34,15 @@ from onnxscript.rewriter import RewriteRuleSet, rewrite
 from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase
 
+from kiln.targets.tvm import relax_build
+
 _CODES = (ir.DataType.UINT8, ir.DataType.INT8)
 
 
-def _inputs(node: ir.Node) -> tuple[np.ndarray | None, ...]:
-    """x, scale and zero point (None when absent) of a DequantizeLinear; a non-constant one is None too."""
-    values = [node.inputs[i] if i < len(node.inputs) else None for i in range(3)]
+def _params(node: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Scale and zero point (None when absent) of a DequantizeLinear; a non-constant one is None too. The codes are
+    not read: a weight's stay on disk (external data) until the model is serialized."""
+    values = [node.inputs[i] if i < len(node.inputs) else None for i in (1, 2)]
     return tuple(None if v is None or v.const_value is None else v.const_value.numpy() for v in values)
 
 
@@ -68,7 +71,7 @@ class QdqMatMulToInteger(RewriteRuleClassBase):
                 return result.fail(f"{node.name}: blocked quantization")
             if node.inputs[1].dtype != ir.DataType.FLOAT:
                 return result.fail(f"{node.name}: scale is not float32")
-        _, sx, zx = _inputs(dx)
+        sx, zx = _params(dx)
         # an unannotated activation has its zero point's type (DequantizeLinear requires them equal)
         if (xq.dtype or (None if zx is None else ir.DataType.from_numpy(zx.dtype))) not in _CODES:
             return result.fail(f"{dx.name}: activation codes are not 8-bit")
@@ -78,8 +81,8 @@ class QdqMatMulToInteger(RewriteRuleClassBase):
             return result.fail(f"{dx.name}: activation scale or zero point not a constant scalar")
         if zx is not None and zx.size != 1:
             return result.fail(f"{dx.name}: activation zero point not a scalar")
-        codes, sw, zw = _inputs(dw)
-        if codes is None or codes.ndim != 2 or sw is None:
+        codes, (sw, zw) = wq.const_value, _params(dw)
+        if codes is None or len(codes.shape) != 2 or sw is None:
             return result.fail(f"{dw.name}: weight is not a constant matrix")
         if len(dw.inputs) > 2 and dw.inputs[2] is not None and zw is None:
             return result.fail(f"{dw.name}: weight zero point not constant")
@@ -91,8 +94,7 @@ class QdqMatMulToInteger(RewriteRuleClassBase):
 
     def rewrite(self, op: Any, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, **_: Any) -> ir.Value:
         dx, dw = x.producer(), w.producer()
-        _, sx, zx = _inputs(dx)
-        _, sw, zw = _inputs(dw)
+        (sx, zx), (sw, zw) = _params(dx), _params(dw)
         scale = (np.float32(sx.reshape(())) * sw.astype(np.float32)).astype(np.float32)
         # MatMulInteger takes the zero points as they are: a scalar, or one per column of the weight
         inputs = [xq, wq, dx.inputs[2] if zx is not None else None, dw.inputs[2] if zw is not None else None]
@@ -194,7 +196,4 @@ def narrow(mod: Any) -> Any:
                 return call
             return relax.op.matmul(lhs, rhs, out_dtype="int32")
 
-    main = mod.get_global_var("main")
-    rewriter = Narrow(mod)
-    rewriter.builder_.update_func(main, rewriter.visit_expr(mod["main"]))
-    return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+    return relax_build.rewrite_main(mod, Narrow(mod))

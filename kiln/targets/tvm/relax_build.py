@@ -105,6 +105,14 @@ def _leading_rows(info: Any) -> Any:
     return rows
 
 
+def rewrite_main(mod: Any, rewriter: Any) -> Any:
+    """``mod`` with ``main`` rewritten by ``rewriter`` (a ``PyExprMutator`` built on ``mod``), dead bindings dropped."""
+    from tvm import relax
+
+    rewriter.builder_.update_func(mod.get_global_var("main"), rewriter.visit_expr(mod["main"]))
+    return relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
+
+
 def host_cpu() -> str:
     """The host CPU as LLVM names it (``znver3``, ``skylake-avx512``, ...): selects AVX2/AVX-512/VNNI code."""
     from tvm.target import codegen

@@ -133,14 +133,15 @@ class TvmTarget(Target):
         start = time.perf_counter()
         target = self.tvm_target()
         cpu = target.kind.name == "llvm"
-        integer = cpu and opts.integer_qdq
-        prepared = lower.prepare(model_file, opts.input_shapes, opts.dims, opts.max_weight_mb, integer_qdq=integer)
+        prepared = lower.prepare(
+            model_file, opts.input_shapes, opts.dims, opts.max_weight_mb, integer_qdq=cpu and opts.integer_qdq
+        )
         with _tvm_errors(model_file, "import"):
             mod = relax_build.import_onnx(prepared.proto, prepared.shapes)
             mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu)
             if cpu:
-                integer = any(prepared.lowered.get(k) for k in ("QDQ MatMul", "DynamicQuantizeMatMul"))
-                mod = qdq.narrow(mod) if integer else mod
+                if prepared.lowered.get("QDQ MatMul") or prepared.lowered.get("DynamicQuantizeMatMul"):
+                    mod = qdq.narrow(mod)
                 mod = layout.channels_last(mod)
             mod = relax_build.legalize(mod, target)
         details: dict[str, Any] = {

@@ -58,9 +58,19 @@ def _ops(mod) -> list[str]:
     return found
 
 
-def test_convolutions_become_channels_last_with_the_same_numbers():
+def _assert_runs_like_onnxruntime(mod, model: onnx.ModelProto) -> None:
+    """``mod`` compiled for this CPU gives ONNX Runtime's output of ``model`` on a random image."""
     import tvm
 
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    built = relax_build.compile_module(relax_build.schedule(relax_build.legalize(mod, target), target, None), target)
+    x = np.random.default_rng(1).standard_normal((1, 3, 14, 14)).astype(np.float32)
+    got = tvm.relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_convolutions_become_channels_last_with_the_same_numbers():
     model = conv_model()
     mod = layout.channels_last(relax_build.import_onnx(model, {"x": [1, 3, 14, 14]}))
     ops = _ops(mod)
@@ -69,12 +79,7 @@ def test_convolutions_become_channels_last_with_the_same_numbers():
     assert ops.count("relax.maximum") == 2 and ops.count("relax.minimum") == 2
     assert not any(op.startswith("relax.call_tir:m") for op in ops)  # no opaque maximum/minimum left
     assert ops.count("relax.permute_dims") == 2  # the image in, the result out: nothing between the convolutions
-    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
-    built = relax_build.compile_module(relax_build.schedule(relax_build.legalize(mod, target), target, None), target)
-    x = np.random.default_rng(1).standard_normal((1, 3, 14, 14)).astype(np.float32)
-    got = tvm.relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    _assert_runs_like_onnxruntime(mod, model)
 
 
 def test_a_model_without_convolutions_is_returned_as_is():
@@ -90,8 +95,6 @@ def test_a_model_without_convolutions_is_returned_as_is():
 
 def test_per_tensor_quantize_dequantize_follow_the_layout():
     """A QDQ pair on the block's activations (as static int8 leaves them) stays between NHWC convolutions."""
-    import tvm
-
     model = conv_model()
     graph = model.graph
     graph.initializer.extend(
@@ -109,9 +112,4 @@ def test_per_tensor_quantize_dequantize_follow_the_layout():
     ops = _ops(mod)
     assert "relax.quantize" not in ops and "relax.dequantize" not in ops
     assert ops.count("relax.permute_dims") == 2 and ops.count("relax.round") == 1
-    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
-    built = relax_build.compile_module(relax_build.schedule(relax_build.legalize(mod, target), target, None), target)
-    x = np.random.default_rng(1).standard_normal((1, 3, 14, 14)).astype(np.float32)
-    got = tvm.relax.VirtualMachine(built, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    _assert_runs_like_onnxruntime(mod, model)
