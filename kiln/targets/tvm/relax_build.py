@@ -5,8 +5,9 @@ library carries them: there is no separate parameter file to keep in sync) -> ki
 for matmuls of a few rows (:mod:`kiln.targets.tvm.gemv`, CPU only) -> channels-last convolutions
 (:mod:`kiln.targets.tvm.layout`, CPU only) -> :func:`legalize` (TVM's ``zero`` pipeline with polynomial
 ``erf``/``exp``) -> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> :func:`default_rules` for the
-functions still unscheduled (on a CPU kiln's matmul/convolution rule, :mod:`kiln.targets.tvm.gemm`, then dlight's
-GEMV and reduction rules; what none matches, mostly elementwise functions, stays plain loops) -> ``tvm.compile``.
+functions still unscheduled (on a CPU kiln's depthwise convolution rule, :mod:`kiln.targets.tvm.depthwise`, and
+matmul/convolution rule, :mod:`kiln.targets.tvm.gemm`, then dlight's GEMV and reduction rules; what none matches,
+mostly elementwise functions, stays plain loops) -> ``tvm.compile``.
 On a GPU, dlight's fallback rule binds every remaining loop nest to blocks and threads, since an unbound one cannot
 run there.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import onnx
 
 from kiln.errors import KilnError, describe
-from kiln.targets.tvm import gemm
+from kiln.targets.tvm import depthwise, gemm
 
 logger = logging.getLogger("kiln")
 
@@ -57,13 +58,13 @@ def cuda_target(arch: str, host: Any) -> Any:
 
 
 def default_rules(target: Any) -> list[Any]:
-    """The untuned schedule rules for ``target``'s kind, most specific first (on a CPU, kiln's matmul rule first)."""
+    """The untuned schedule rules for ``target``'s kind, most specific first (on a CPU, kiln's own rules first)."""
     from tvm.s_tir import dlight
 
     if target.kind.name == "cuda":
         gpu = dlight.gpu
         return [gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
-    return [gemm.gemm_rule(), dlight.cpu.GEMV(), _shared_rows_reduction()]
+    return [depthwise.depthwise_rule(), gemm.gemm_rule(), dlight.cpu.GEMV(), _shared_rows_reduction()]
 
 
 def _shared_rows_reduction() -> Any:
