@@ -59,6 +59,14 @@ def test_tile_shape_takes_the_first_tile_whose_columns_divide_n():
     assert gemm.tile_shape(20) is None
 
 
+def test_tile_shape_of_a_short_reduction_prefers_rows_that_divide_m():
+    assert gemm.tile_shape(96, 112, 16) == (4, 16)  # 6 does not divide 112: 4 x 16
+    assert gemm.tile_shape(96, 112, 384) == (6, 16)  # a long reduction keeps 6 x 16 and a partial last tile
+    assert gemm.tile_shape(96, 120, 16) == (6, 16)
+    assert gemm.tile_shape(32, 49, 27) == (6, 16)  # no tile divides 49
+    assert gemm.tile_shape(24, 56, 24) == (4, 24)
+
+
 def test_matmul_bias_gelu_is_one_scheduled_function_equal_to_numpy():
     """50 rows: the last 6-row tile is partial; bias and GELU (with TVM's polynomial erf) fused after the tile."""
     rng = np.random.default_rng(0)
@@ -104,8 +112,9 @@ def test_a_matmul_without_whole_vectors_keeps_plain_loops():
 @pytest.mark.parametrize("channels", [16, 24])
 def test_channels_last_convolutions_are_taken_and_match_onnxruntime(channels: int):
     """A 3x3 stride-2 conv, a depthwise 3x3 and a 1x1 conv on a 7x7 map, NHWC: the rule takes each (16 channels:
-    6x16 tiles, one column tile, so rows in chunks; 24: 4x24 tiles; the 7x7 1x1 conv as 49 fused rows), and the
-    compiled block equals ONNX Runtime."""
+    6x16 tiles, one column tile, so rows in chunks; 24: 4x24 tiles; the 7x7 1x1 conv as 49 fused rows; the
+    depthwise one is compiled with depthwise.py's rule, which comes first), and the compiled block equals ONNX
+    Runtime."""
     import tvm
 
     model = conv_model(channels)
