@@ -6,8 +6,8 @@ for matmuls of a few rows (:mod:`kiln.targets.tvm.gemv`, CPU only) -> channels-l
 (:mod:`kiln.targets.tvm.layout`, CPU only) -> :func:`legalize` (TVM's ``zero`` pipeline with polynomial
 ``erf``/``exp``) -> the tuning database's schedules (``MetaScheduleApplyDatabase``) -> :func:`default_rules` for the
 functions still unscheduled (on a CPU kiln's depthwise convolution rule, :mod:`kiln.targets.tvm.depthwise`, and
-matmul/convolution rule, :mod:`kiln.targets.tvm.gemm`, then dlight's GEMV and reduction rules; what none matches,
-mostly elementwise functions, stays plain loops) -> ``tvm.compile``.
+matmul/convolution rule, :mod:`kiln.targets.tvm.gemm`, then dlight's GEMV and reduction rules, then kiln's
+elementwise rule, :mod:`kiln.targets.tvm.elementwise`; what none matches stays plain loops) -> ``tvm.compile``.
 On a GPU, dlight's fallback rule binds every remaining loop nest to blocks and threads, since an unbound one cannot
 run there.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import onnx
 
 from kiln.errors import KilnError, describe
-from kiln.targets.tvm import depthwise, gemm
+from kiln.targets.tvm import depthwise, elementwise, gemm
 
 logger = logging.getLogger("kiln")
 
@@ -64,7 +64,13 @@ def default_rules(target: Any) -> list[Any]:
     if target.kind.name == "cuda":
         gpu = dlight.gpu
         return [gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
-    return [depthwise.depthwise_rule(), gemm.gemm_rule(), dlight.cpu.GEMV(), _shared_rows_reduction()]
+    return [
+        depthwise.depthwise_rule(),
+        gemm.gemm_rule(),
+        dlight.cpu.GEMV(),
+        _shared_rows_reduction(),
+        elementwise.elementwise_rule(),
+    ]
 
 
 def _shared_rows_reduction() -> Any:
