@@ -4,7 +4,8 @@ Usage: ``python tools/tvm_bench.py [--models efficientnet-lite0,minilm-l6] [--tr
 [--rounds 8] [--block 5] [--int8]``.
 
 With ``--int8``, kiln's int8-static output (QDQ) joins the same run three ways: ONNX Runtime (its int8 kernels), TVM
-with integer matmuls (:mod:`kiln.targets.tvm.qdq`) and TVM with ``integer_qdq=false`` (dequantize, then float32).
+with integer matmuls (:mod:`kiln.targets.tvm.qdq`) and TVM with ``integer_qdq=false`` (dequantize, then float32);
+and kiln's int8-dynamic output (DynamicQuantizeMatMul) two ways: ONNX Runtime and TVM.
 
 Every variant is built first (a tuned one twice: the second compile shows the database's reuse), then all are timed
 in one process with :func:`kiln.bench.interleaved.time_interleaved`: rounds in which each variant runs ``--block``
@@ -49,6 +50,8 @@ options = { method = "minmax" }
 [verify]
 min_output_cosine = 0.97
 """
+#: kiln's int8-dynamic recipe (DynamicQuantizeMatMul), for ``--int8``.
+DYNAMIC_RECIPE = INT8_RECIPE.replace('quantize.static-int8"\noptions = { method = "minmax" }', 'quantize.dynamic-int8"')
 
 
 def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:
@@ -68,16 +71,17 @@ def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:
     }
 
 
-def _build_int8(name: str, out: Path, target: str, integer: bool) -> dict:
-    """kiln's int8-static output for ``target`` (ort-cpu, or tvm-llvm with or without integer matmuls)."""
+def _build_int8(name: str, out: Path, target: str, integer: bool, recipe_text: str = INT8_RECIPE) -> dict:
+    """kiln's int8-static (or another int8 recipe's) output for ``target`` (ort-cpu, or tvm-llvm with or without
+    integer matmuls)."""
     options = {"dims": SHAPES[name], "integer_qdq": integer} if target.startswith("tvm") else None
-    recipe = parse(INT8_RECIPE.replace("TARGET", target), name="int8-static")
+    recipe = parse(recipe_text.replace("TARGET", target), name="int8")
     start = time.perf_counter()
     result = kiln.compile_model(name, out, recipe, verify_limit=1, target_options=options, accept_out_of_tolerance=True)
     lowered = result.report["target"].get("lowered", {})
     return {
         "build_s": round(time.perf_counter() - start, 1),
-        "integer_matmuls": lowered.get("QDQ MatMul", 0),
+        "integer_matmuls": lowered.get("QDQ MatMul", 0) + lowered.get("DynamicQuantizeMatMul", 0),
         "cosine": min(o["cosine"] for o in result.verification.to_dict()["outputs"].values()),
     }
 
@@ -92,7 +96,8 @@ def main() -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also kiln's int8-static: ONNX Runtime's int8 kernels, TVM integer matmuls, TVM dequantize-then-float",
+        help="also kiln's int8-static (ONNX Runtime's int8 kernels, TVM integer matmuls, TVM dequantize-then-float) "
+        "and int8-dynamic (ONNX Runtime, TVM)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -114,11 +119,13 @@ def main() -> None:
                 print(json.dumps({"model": name, "config": label, **builds[label]}), flush=True)
                 runner = kiln.targets.load(out)
                 runs[label] = lambda r=runner, f=feed: r(f)
-            int8 = [("int8 ort", "ort-cpu", False), ("int8 tvm, integer", "tvm-llvm", True)]
-            int8 += [("int8 tvm, dequantize-then-float", "tvm-llvm", False)]
-            for label, target, integer in int8 if args.int8 else []:
+            int8 = [("int8 ort", "ort-cpu", False, INT8_RECIPE), ("int8 tvm, integer", "tvm-llvm", True, INT8_RECIPE)]
+            int8 += [("int8 tvm, dequantize-then-float", "tvm-llvm", False, INT8_RECIPE)]
+            int8 += [("int8-dynamic ort", "ort-cpu", False, DYNAMIC_RECIPE)]
+            int8 += [("int8-dynamic tvm", "tvm-llvm", True, DYNAMIC_RECIPE)]
+            for label, target, integer, recipe_text in int8 if args.int8 else []:
                 out = Path(tmp) / f"{name}-{len(builds)}"
-                builds[label] = _build_int8(name, out, target, integer)
+                builds[label] = _build_int8(name, out, target, integer, recipe_text)
                 print(json.dumps({"model": name, "config": label, **builds[label]}), flush=True)
                 runner = kiln.targets.load(out)
                 runs[label] = lambda r=runner, f=feed: r(f)
