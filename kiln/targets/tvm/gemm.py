@@ -22,11 +22,13 @@ place (rows of NR floats, N apart) cut MiniLM's 128x1536x384 from 1.29 to 0.88 m
 
 A channels-last convolution (:mod:`kiln.targets.tvm.layout`) has the same shape: rows are output pixels, columns
 output channels, K the window times the input channels, B the HWIO weight; in a depthwise one A is read as vectors
-too. The output's rows of pixels are loops B does not use, so they run inside a column tile (its panel copied once)
+too (:mod:`kiln.targets.tvm.depthwise`'s rule, ahead of this one, takes those with whole vectors of channels).
+The output's rows of pixels are loops B does not use, so they run inside a column tile (its panel copied once)
 unless the tiles are too few for the threads.
 
 Measured with ``tools/tvm_bench.py`` (untuned, 2 threads, interleaved with ONNX Runtime fp32 in one process):
-MiniLM 21.4 ms against ONNX Runtime's 21.9 ms; EfficientNet-Lite0 7.9 ms against 6.3 ms.
+MiniLM 21.9 ms against ONNX Runtime's 23.3 ms; EfficientNet-Lite0 7.07 ms against 6.52 ms, its depthwise
+convolutions scheduled by :mod:`kiln.targets.tvm.depthwise`.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def gemm_rule() -> Any:
             )
             tile = sch.fuse(*[loops[n] for n in outer], column_tile, *chunks)
             sch.parallel(tile)
+            constant = _layout_free(func, sch.get(block).reads[operand].source)
             panel = sch.cache_read(block, operand, "global")
             if pairs:  # [K, N] -> [N / NR, K / 2, NR, 2]: a pmaddwd's 8 columns x 2 k are 16 contiguous int16
                 sch.transform_layout(
@@ -181,8 +184,11 @@ def gemm_rule() -> Any:
                 sch.transform_layout(
                     panel, ("write", 0), lambda *ix: (*ix[:-2], ix[-1] // columns, ix[-2], ix[-1] % columns)
                 )
-            sch.compute_at(panel, tile)
-            sch.vectorize(sch.get_loops(panel)[-1])
+            if constant:  # laid out once at compile time (relax_build.prepack_weights)
+                sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+            else:
+                sch.compute_at(panel, tile)
+                sch.vectorize(sch.get_loops(panel)[-1])
             sch.reverse_compute_at(out, row_tile)
             _, out_lane = sch.split(sch.get_loops(out)[-1], [None, LANES])
             sch.vectorize(out_lane)
@@ -226,6 +232,12 @@ def _fuse_rows(sch: Any, block: Any, out: Any, iters: list, outer: list[int], fu
     sch.transform_block_layout(block, IndexMap.from_func(rows_of, ndim=len(iters)))
     sch.transform_block_layout(out, IndexMap.from_func(rows_of, ndim=spatial))
     return True
+
+
+def _layout_free(func: Any, buffer: Any) -> bool:
+    """Whether ``buffer`` is a parameter of ``func`` that ``AttachAttrLayoutFreeBuffers`` marked as a constant."""
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    return free is not None and any(func.params[int(i)].same_as(buffer) for i in free)
 
 
 def _vars_in(region: Any) -> list:

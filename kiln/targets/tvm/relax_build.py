@@ -169,16 +169,52 @@ def legalize(mod: Any, target: Any) -> Any:
 
 
 def schedule(mod: Any, target: Any, database: Any | None) -> Any:
-    """Apply tuned schedules from ``database`` (if any), then dlight defaults to the rest."""
+    """Apply tuned schedules from ``database`` (if any), then dlight defaults to the rest; on a CPU, the weight
+    panels of kiln's matmul rule are laid out once here (:func:`prepack_weights`), not copied on every call."""
     from tvm import relax
     from tvm.s_tir import dlight
 
+    cpu = target.kind.name != "cuda"
     with target:
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        if cpu:
+            mod = _used_functions(relax.transform.AttachAttrLayoutFreeBuffers()(mod))
         mod = dlight.ApplyDefaultSchedule(*default_rules(target))(mod)
+        if cpu:
+            mod = prepack_weights(mod)
     return mod
+
+
+def prepack_weights(mod: Any) -> Any:
+    """Constant weights in the panel layout kiln's matmul rule reads (:mod:`kiln.targets.tvm.gemm`), computed at
+    compile time: the rule marks a panel of a constant weight as a layout-rewrite block,
+    ``SplitLayoutRewritePreproc`` moves those blocks into functions of their own, and ``FoldConstant`` runs them
+    on the weights."""
+    from tvm import relax
+
+    mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+    return _used_functions(relax.transform.FoldConstant()(mod))
+
+
+def _used_functions(mod: Any) -> Any:
+    """``mod`` without the TIR functions no Relax function calls (``DeadCodeElimination`` keeps any that has a
+    ``global_symbol``, as kiln's GEMV kernels have, and ``AttachAttrLayoutFreeBuffers`` leaves their originals)."""
+    import tvm
+    from tvm import relax
+
+    used: set[str] = set()
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: used.add(e.name_hint) if isinstance(e, tvm.ir.GlobalVar) else None
+            )
+    kept = {gv: f for gv, f in mod.functions_items() if isinstance(f, relax.Function) or gv.name_hint in used}
+    pruned = tvm.IRModule(kept, attrs=mod.attrs)
+    for name, infos in mod.global_infos.items():
+        pruned.update_global_info(name, infos)
+    return pruned
 
 
 def compile_module(mod: Any, target: Any) -> Any:

@@ -82,6 +82,40 @@ def test_matmul_bias_gelu_is_one_scheduled_function_equal_to_numpy():
     np.testing.assert_allclose(got, _gelu(x @ w + b), rtol=1e-5, atol=2e-5)
 
 
+def _constant_shapes(mod) -> list[tuple[int, ...]]:
+    """Shapes of the constants ``main`` passes to its functions."""
+    import tvm
+    from tvm import relax
+
+    found: list[tuple[int, ...]] = []
+
+    def visit(e) -> None:
+        if isinstance(e, tvm.ir.expr.GenericConst):
+            found.append(tuple(e.value.shape))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def test_a_constant_weight_is_laid_out_in_panels_at_compile_time():
+    """The rule's panels of a constant B ([K, N] -> [N / NR, K, NR]) are computed once by the compiler, not copied
+    on every call: main passes the weight in panel layout, and no layout function is left."""
+    import tvm
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    model = _model({"x": [1, 30, 64]}, [oh.make_node("MatMul", ["x", "w"], ["y"])], [1, 30, 48], {"w": w})
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    mod = relax_build.legalize(relax_build.import_onnx(model, {"x": [1, 30, 64]}), target)
+    assert (64, 48) in _constant_shapes(mod)
+    scheduled = relax_build.schedule(mod, target, None)
+    assert (3, 64, 16) in _constant_shapes(scheduled) and (64, 48) not in _constant_shapes(scheduled)
+    assert sum(isinstance(f, tvm.tirx.PrimFunc) for _, f in scheduled.functions_items()) == 1
+    vm = tvm.relax.VirtualMachine(relax_build.compile_module(scheduled, target), tvm.cpu())
+    x = rng.standard_normal((1, 30, 64)).astype(np.float32)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), x @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_batched_product_of_two_activations():
     """Attention's shape: both operands are inputs, with two batch axes (B's: parallel with its column tiles);
     N = 24 takes 4 x 24 tiles."""
