@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kiln.targets.tvm.gemm import LANES, MIN_TILES
+from kiln.targets.tvm.gemm import LANES, MIN_TILES, reduction_blocks
 
 #: (pixels R, channels NC) of a tile, in order of preference; the first whose R divides the output row and whose
 #: NC divides the channels is taken. Measured on EfficientNet-Lite0, each function alone: 7x8 best or within 5% of
@@ -45,8 +45,6 @@ def tile_shape(row: int, channels: int) -> tuple[int, int] | None:
 def depthwise_rule() -> Any:
     """The dlight rule (a class built on first use, so that importing kiln does not import TVM)."""
     from tvm import s_tir, tirx
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
     class Depthwise(CPUScheduleRule):
@@ -58,16 +56,11 @@ def depthwise_rule() -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
             sch = s_tir.Schedule(func)
-            infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
-            if not infos or not 1 <= len(infos) <= 2 or (len(infos) == 2 and not infos[1].is_injective()):
+            found = reduction_blocks(sch)
+            if found is None or not _channelwise(sch, found[0][0], found[1]):
                 return None
+            infos, spatial = found
             main = infos[0]
-            kinds = "".join(it.kind for it in main.iters)
-            spatial = len(kinds.rstrip("R"))
-            if spatial < 2 or spatial == len(kinds) or kinds[:spatial] != "S" * spatial:
-                return None
-            if not all(isinstance(it.dom, int) for it in main.iters) or not _channelwise(sch, main, spatial):
-                return None
             shape = tile_shape(main.iters[spatial - 2].dom, main.iters[spatial - 1].dom)
             if shape is None:
                 return None

@@ -85,8 +85,6 @@ MIN_TILES = 8
 def gemm_rule() -> Any:
     """The dlight rule (a class built on first use, so that importing kiln does not import TVM)."""
     from tvm import s_tir, tirx
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
     from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
     class Gemm(CPUScheduleRule):
@@ -99,16 +97,14 @@ def gemm_rule() -> Any:
             if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
                 return None
             sch = s_tir.Schedule(func)
-            infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
-            if not infos or not 1 <= len(infos) <= 2 or (len(infos) == 2 and not infos[1].is_injective()):
+            found = reduction_blocks(sch)
+            if found is None:
                 return None
+            infos, spatial = found
             main = infos[0]
             kinds = "".join(it.kind for it in main.iters)
-            spatial = len(kinds.rstrip("R"))
-            if spatial < 2 or spatial == len(kinds) or kinds[:spatial] != "S" * spatial or "S" in kinds[spatial:]:
-                return None
             operand = _vector_operand(sch, main, spatial)
-            if operand is None or not all(isinstance(it.dom, int) for it in main.iters):
+            if operand is None:
                 return None
             block = main.block_rv
             pairs = _int16_pairs(sch.get(block), kinds, target)
@@ -206,6 +202,24 @@ def gemm_rule() -> Any:
             return sch
 
     return Gemm()
+
+
+def reduction_blocks(sch: Any) -> tuple[list, int] | None:
+    """The block infos of ``sch``'s function (a reduction, then at most one elementwise block) and the reduction's
+    count of leading spatial iterators, when it has static extents, two or more spatial iterators and one or more
+    reductions after them; else None. What kiln's matmul and depthwise rules take, before their own checks."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+    infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+    if not infos or not 1 <= len(infos) <= 2 or (len(infos) == 2 and not infos[1].is_injective()):
+        return None
+    iters = infos[0].iters
+    kinds = "".join(it.kind for it in iters)
+    spatial = len(kinds.rstrip("R"))  # the iterators after the spatial prefix are reductions
+    if spatial < 2 or spatial == len(kinds) or kinds[:spatial] != "S" * spatial:
+        return None
+    return (infos, spatial) if all(isinstance(it.dom, int) for it in iters) else None
 
 
 def _fuse_rows(sch: Any, block: Any, out: Any, iters: list, outer: list[int], fused: list[int], spatial: int) -> bool:
