@@ -40,18 +40,19 @@ SHAPES = {
 #: SmolLM2's 538 MB of fp32 weights are over the target's default limit (256 MB).
 MAX_WEIGHT_MB = 1024
 RECIPE = 'target = "tvm-llvm"\n[[passes]]\nname = "cleanup.optimize"\n[verify]\nmin_output_cosine = 0.999\n'
-#: kiln's int8-static recipe (QDQ, min-max calibration), for ``--int8``; TARGET is filled in.
-INT8_RECIPE = """target = "TARGET"
+#: The int8 recipes of ``--int8``: TARGET and QUANTIZE (the quantization pass) are filled in.
+_INT8_TEMPLATE = """target = "TARGET"
 [[passes]]
 name = "cleanup.optimize"
 [[passes]]
-name = "quantize.static-int8"
-options = { method = "minmax" }
+QUANTIZE
 [verify]
 min_output_cosine = 0.97
 """
-#: kiln's int8-dynamic recipe (DynamicQuantizeMatMul), for ``--int8``.
-DYNAMIC_RECIPE = INT8_RECIPE.replace('quantize.static-int8"\noptions = { method = "minmax" }', 'quantize.dynamic-int8"')
+#: kiln's int8-static recipe (QDQ, min-max calibration).
+INT8_RECIPE = _INT8_TEMPLATE.replace("QUANTIZE", 'name = "quantize.static-int8"\noptions = { method = "minmax" }')
+#: kiln's int8-dynamic recipe (DynamicQuantizeMatMul).
+DYNAMIC_RECIPE = _INT8_TEMPLATE.replace("QUANTIZE", 'name = "quantize.dynamic-int8"')
 
 
 def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:

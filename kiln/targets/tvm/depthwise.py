@@ -57,10 +57,12 @@ def depthwise_rule() -> Any:
                 return None
             sch = s_tir.Schedule(func)
             found = reduction_blocks(sch)
-            if found is None or not _channelwise(sch, found[0][0], found[1]):
+            if found is None:
                 return None
             infos, spatial = found
             main = infos[0]
+            if not _channelwise(sch, main, spatial):
+                return None
             shape = tile_shape(main.iters[spatial - 2].dom, main.iters[spatial - 1].dom)
             if shape is None:
                 return None

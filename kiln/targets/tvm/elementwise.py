@@ -45,7 +45,7 @@ def elementwise_rule() -> Any:
             if len(infos) != 1 or not all(isinstance(it.dom, int) for it in infos[0].iters):
                 return None
             extents = [it.dom for it in infos[0].iters]
-            if not extents or math.prod(extents) < MIN_ELEMENTS:
+            if math.prod(extents) < MIN_ELEMENTS:
                 return None
             loops = sch.get_loops(infos[0].block_rv)
             if extents[-1] % LANES == 0:

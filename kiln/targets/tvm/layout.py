@@ -85,13 +85,11 @@ def _qdq_as_ops(mod: Any) -> Any:
     import tvm
     from tvm import relax
 
-    quantize, dequantize = tvm.ir.Op.get("relax.quantize"), tvm.ir.Op.get("relax.dequantize")
+    quantize, dequantize, astype = (tvm.ir.Op.get(f"relax.{name}") for name in ("quantize", "dequantize", "astype"))
 
     def scalar(expr: Any) -> float | None:
         values = expr.value.numpy() if isinstance(expr, tvm.ir.expr.GenericConst) else None
         return None if values is None or values.size != 1 else values.reshape(()).item()
-
-    astype = tvm.ir.Op.get("relax.astype")
 
     @relax.expr_functor.mutator
     class QdqAsOps(relax.PyExprMutator):

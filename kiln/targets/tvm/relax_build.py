@@ -174,7 +174,7 @@ def schedule(mod: Any, target: Any, database: Any | None) -> Any:
     from tvm import relax
     from tvm.s_tir import dlight
 
-    cpu = target.kind.name != "cuda"
+    cpu = target.kind.name == "llvm"
     with target:
         if database is not None:
             with database:
