@@ -4,8 +4,8 @@ Usage: ``python tools/tvm_bench.py [--models efficientnet-lite0,minilm-l6] [--tr
 [--rounds 8] [--block 5] [--int8]``.
 
 With ``--int8``, kiln's int8-static output (QDQ) joins the same run three ways: ONNX Runtime (its int8 kernels), TVM
-with integer matmuls (:mod:`kiln.targets.tvm.qdq`) and TVM with ``integer_qdq=false`` (dequantize, then float32);
-and kiln's int8-dynamic output (DynamicQuantizeMatMul) two ways: ONNX Runtime and TVM.
+with integer matmuls and 1x1 convolutions (:mod:`kiln.targets.tvm.qdq`) and TVM with ``integer_qdq=false``
+(dequantize, then float32); and kiln's int8-dynamic output (DynamicQuantizeMatMul) two ways: ONNX Runtime and TVM.
 
 Every variant is built first (a tuned one twice: the second compile shows the database's reuse), then all are timed
 in one process with :func:`kiln.bench.interleaved.time_interleaved`: rounds in which each variant runs ``--block``
@@ -74,7 +74,7 @@ def _build(name: str, out: Path, trials: int, time_budget: float) -> dict:
 
 def _build_int8(name: str, out: Path, target: str, integer: bool, recipe_text: str = INT8_RECIPE) -> dict:
     """kiln's int8-static (or another int8 recipe's) output for ``target`` (ort-cpu, or tvm-llvm with or without
-    integer matmuls)."""
+    integer matmuls and convolutions)."""
     options = {"dims": SHAPES[name], "integer_qdq": integer} if target.startswith("tvm") else None
     recipe = parse(recipe_text.replace("TARGET", target), name="int8")
     start = time.perf_counter()
@@ -83,6 +83,7 @@ def _build_int8(name: str, out: Path, target: str, integer: bool, recipe_text: s
     return {
         "build_s": round(time.perf_counter() - start, 1),
         "integer_matmuls": lowered.get("QDQ MatMul", 0) + lowered.get("DynamicQuantizeMatMul", 0),
+        "integer_convs": lowered.get("QDQ Conv", 0),
         "cosine": min(o["cosine"] for o in result.verification.to_dict()["outputs"].values()),
     }
 
@@ -97,8 +98,8 @@ def main() -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also kiln's int8-static (ONNX Runtime's int8 kernels, TVM integer matmuls, TVM dequantize-then-float) "
-        "and int8-dynamic (ONNX Runtime, TVM)",
+        help="also kiln's int8-static (ONNX Runtime's int8 kernels, TVM integer matmuls and convolutions, TVM "
+        "dequantize-then-float) and int8-dynamic (ONNX Runtime, TVM)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -232,10 +232,11 @@ def _lower_quantized(model: ir.Model, packed: dict[str, gemv.PackedWeight | gemv
 
 
 def importer_ops() -> set[str]:
-    """Op types TVM's ONNX frontend converts (default domain)."""
+    """Op types TVM's ONNX frontend converts (default domain), with kiln's converters
+    (:func:`kiln.targets.tvm.qdq.importer_converters`)."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    return set(onnx_frontend._get_convert_map())
+    return set(onnx_frontend._get_convert_map()) | set(qdq.CONVERTED_OPS)
 
 
 def _bfloat16(value: ir.Value | None) -> bool:
@@ -341,7 +342,8 @@ def prepare(
     """Fix shapes, lower quantized weights, fold, and check every op (see the module docstring).
 
     Weights over ``max_weight_mb`` after lowering are a KilnError (checked before folding and import). With
-    ``integer_qdq``, QDQ matmuls become integer matmuls first (:func:`kiln.targets.tvm.qdq.integer_matmuls`).
+    ``integer_qdq``, QDQ matmuls and 1x1 convolutions become integer ones first
+    (:func:`kiln.targets.tvm.qdq.integer_matmuls`, :func:`~kiln.targets.tvm.qdq.integer_convs`).
     """
     model = io.load(model_file, check=False)
     for value in [*model.graph.inputs, *model.graph.outputs]:
@@ -357,10 +359,13 @@ def prepare(
         value.shape = ir.Shape(shapes[value.name])
     packed: dict[str, gemv.PackedWeight | gemv.SignPlanes] = {}
     integer = qdq.integer_matmuls(model) if integer_qdq else 0
+    convs = qdq.integer_convs(model) if integer_qdq else 0
     dynamic = qdq.dynamic_matmuls(model)
     lowered = _lower_quantized(model, packed)
     if integer:
         lowered["QDQ MatMul"] = integer
+    if convs:
+        lowered["QDQ Conv"] = convs
     if dynamic:
         lowered["DynamicQuantizeMatMul"] = dynamic
     size_mb = weight_bytes(model, packed) / 2**20

@@ -127,14 +127,22 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
-def import_onnx(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> Any:
-    """The Relax module of ``proto`` (static ``shapes``); importer failures become a KilnError naming the cause."""
-    from tvm.relax.frontend.onnx import from_onnx
+def import_onnx(
+    proto: onnx.ModelProto, shapes: Mapping[str, list[int]], converters: Mapping[str, Any] | None = None
+) -> Any:
+    """The Relax module of ``proto`` (static ``shapes``); importer failures become a KilnError naming the cause.
+    ``converters`` add kiln's converters (by op type) for ops the importer lacks, for this import only."""
+    from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
+    builtin = onnx_frontend._get_convert_map
+    if converters:
+        onnx_frontend._get_convert_map = lambda: {**builtin(), **converters}
     try:
         return from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, keep_params_in_input=False)
     except Exception as e:  # the importer raises anything from ValueError to TVM internal errors
         raise KilnError(f"TVM's ONNX importer failed: {describe(e)}") from None
+    finally:
+        onnx_frontend._get_convert_map = builtin
 
 
 def legalize(mod: Any, target: Any) -> Any:

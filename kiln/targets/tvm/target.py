@@ -27,8 +27,8 @@ Options (every TVM target):
   DequantizeLinear weights as float32), exceed this (default 256), before import: import and compilation hold the
   weights several times over (SmolLM2 in fp32, 538 MB: 4.9 GB peak, about a minute to build and verify at 512 tokens;
   its 512-token prefill then takes 1.02-1.09x ONNX Runtime's time). Raise it for such models.
-* ``integer_qdq`` (CPU targets, default true): QDQ matmuls with constant weights run as integer matmuls
-  (:mod:`kiln.targets.tvm.qdq`); false keeps the importer's dequantize-then-float32 form.
+* ``integer_qdq`` (CPU targets, default true): QDQ matmuls and 1x1 convolutions with constant weights run in
+  integers (:mod:`kiln.targets.tvm.qdq`); false keeps the importer's dequantize-then-float32 form.
 """
 
 from __future__ import annotations
@@ -137,10 +137,10 @@ class TvmTarget(Target):
             model_file, opts.input_shapes, opts.dims, opts.max_weight_mb, integer_qdq=cpu and opts.integer_qdq
         )
         with _tvm_errors(model_file, "import"):
-            mod = relax_build.import_onnx(prepared.proto, prepared.shapes)
+            mod = relax_build.import_onnx(prepared.proto, prepared.shapes, qdq.importer_converters())
             mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu)
             if cpu:
-                if prepared.lowered.get("QDQ MatMul") or prepared.lowered.get("DynamicQuantizeMatMul"):
+                if any(prepared.lowered.get(k) for k in ("QDQ MatMul", "QDQ Conv", "DynamicQuantizeMatMul")):
                     mod = qdq.narrow(mod)
                 mod = layout.channels_last(mod)
             mod = relax_build.legalize(mod, target)

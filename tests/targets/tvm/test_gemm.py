@@ -168,7 +168,9 @@ def test_int_tile_shape_takes_rows_that_divide_m():
     assert gemm.int_tile_shape(128, 1536) == (4, 16)
     assert gemm.int_tile_shape(128, 24) == (8, 8)
     assert gemm.int_tile_shape(10, 24) == (2, 8)
-    assert gemm.int_tile_shape(7, 32) == (1, 16)
+    assert gemm.int_tile_shape(7, 32) == (7, 8)
+    assert gemm.int_tile_shape(7, 40) == (7, 8)
+    assert gemm.int_tile_shape(14, 32) == (2, 16)  # over 14 rows alone; the rule fuses a 14 x 14 map's to 196
     assert gemm.int_tile_shape(8, 20) is None
 
 

@@ -185,3 +185,151 @@ def test_compiled_dynamic_quantize_matmul_runs_on_int16_pairs(tmp_path: Path):
     expected = _dynamic_reference(x, constants)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def conv_model(
+    channels: int = 16, kernel: int = 1, stride: int = 1, group: int = 1, asymmetric: bool = False
+) -> onnx.ModelProto:
+    """A QDQ chain on a [1, channels, 14, 14] image: ``Relu(Conv(DQ(Q(x)), DQ(w1), b))`` (the given kernel, stride
+    and group; int8 per-output-channel weight, symmetric unless ``asymmetric``), then Q/DQ and a 1x1 ``Conv`` to 24
+    channels with a uint8 per-tensor weight and zero point, no bias."""
+    rng = np.random.default_rng(3)
+    mid = 32
+    inits = {
+        "sx": np.array(0.03, np.float32),
+        "zx": np.array(120, np.uint8),
+        "w1": rng.integers(-120, 120, (mid, channels // group, kernel, kernel)).astype(np.int8),
+        "s1": (rng.random(mid) * 0.01 + 0.002).astype(np.float32),
+        "z1": rng.integers(-7, 8, mid).astype(np.int8) if asymmetric else np.zeros(mid, np.int8),
+        "b1": rng.standard_normal(mid).astype(np.float32),
+        "sh": np.array(0.05, np.float32),
+        "zh": np.array(0, np.uint8),
+        "w2": rng.integers(0, 256, (24, mid, 1, 1)).astype(np.uint8),
+        "s2": np.array(0.004, np.float32),
+        "z2": np.array(131, np.uint8),
+    }
+    pad = kernel // 2
+    nodes = [
+        oh.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        oh.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        oh.make_node("DequantizeLinear", ["w1", "s1", "z1"], ["w1d"], axis=0),
+        oh.make_node(
+            "Conv",
+            ["xd", "w1d", "b1"],
+            ["c1"],
+            kernel_shape=[kernel] * 2,
+            strides=[stride] * 2,
+            pads=[pad] * 4,
+            group=group,
+        ),
+        oh.make_node("Relu", ["c1"], ["h"]),
+        oh.make_node("QuantizeLinear", ["h", "sh", "zh"], ["hq"]),
+        oh.make_node("DequantizeLinear", ["hq", "sh", "zh"], ["hd"]),
+        oh.make_node("DequantizeLinear", ["w2", "s2", "z2"], ["w2d"]),
+        oh.make_node("Conv", ["hd", "w2d"], ["y"], kernel_shape=[1, 1]),
+    ]
+    side = 14 // stride
+    graph = oh.make_graph(
+        nodes,
+        "qdq_conv",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, channels, 14, 14])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 24, side, side])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+
+
+def _image(channels: int = 16) -> np.ndarray:
+    return (np.random.default_rng(4).standard_normal((1, channels, 14, 14)) * 2).astype(np.float32)
+
+
+def _as_written(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """ONNX Runtime running the ops as written: optimized, it fuses the first convolution into a QLinearConv whose
+    AVX2 u8 x s8 kernel saturates pairs of products at int16 (full-range int8 weights, activations near 255), and
+    differs from the ONNX semantics by up to 4.1 on this chain."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options).run(None, feeds)[0]
+
+
+def test_1x1_qdq_convs_become_conv_integer_with_the_same_numbers():
+    original = conv_model()
+    model = ir.from_proto(original)
+    assert qdq.integer_convs(model) == 2
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("ConvInteger") == 2 and "Conv" not in ops and "DequantizeLinear" not in ops
+    x = {"x": _image()}
+    expected = _as_written(original, x)
+    got = _as_written(ir.to_proto(model), x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ({"kernel": 3}, "1x1"),
+        ({"stride": 2}, "strided"),
+        ({"group": 2}, "grouped"),
+        ({"channels": 15, "group": 1}, "odd input channel count"),
+    ],
+)
+def test_other_convolutions_keep_the_float_path(options: dict, why: str):
+    """Only the second (1x1, 32 channels) convolution of the chain is rewritten."""
+    model = ir.from_proto(conv_model(**options))
+    assert qdq.integer_convs(model) == 1
+    assert [n.op_type for n in model.graph].count("Conv") == 1
+    first = next(n for n in model.graph if n.op_type == "Conv")
+    check = qdq.QdqConvToInteger().check
+    x, w = first.inputs[0], first.inputs[1]
+    result = check(None, x.producer().inputs[0], w.producer().inputs[0], x, w, first.outputs[0])
+    assert not result and why in result.reason
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_compiled_integer_convs_use_int16_pairs_and_match_onnxruntime(tmp_path: Path, asymmetric: bool):
+    """Both convolutions, with per-output-channel weight zero points too (which ONNX Runtime's ConvInteger rejects,
+    so the reference is the QDQ model)."""
+    import tvm
+    from tvm.target import codegen
+
+    from kiln.targets.tvm import layout
+
+    original = conv_model(asymmetric=asymmetric)
+    path = tmp_path / "conv.onnx"
+    onnx.save(original, path)
+    prepared = lower.prepare(path, {}, {}, integer_qdq=True)
+    assert prepared.lowered["QDQ Conv"] == 2
+    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
+    mod = qdq.narrow(relax_build.import_onnx(prepared.proto, prepared.shapes, qdq.importer_converters()))
+    mod = layout.channels_last(mod)
+    mod = relax_build.schedule(relax_build.legalize(mod, target), target, None)
+    convs = {gv.name_hint: f.script() for gv, f in mod.functions_items() if "conv2d" in gv.name_hint}
+    assert len(convs) == 2 and all('"int16"' in s for s in convs.values())
+    if codegen.target_has_features("avx2", target):
+        assert all("llvm.x86.avx2.pmadd.wd" in s for s in convs.values())
+        # 16 -> 32 channels: the map's 14 x 14 pixels as one row loop of 196 in 4 x 16 tiles, rather than rows of 14
+        # in 2 x 16 tiles; 32 -> 24 channels: rows of 14 in 7 x 8 tiles
+        tiled = sorted("T.axis.spatial(T.int64(196)" in s for s in convs.values())
+        assert tiled == [False, True]
+    vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
+    x = _image()
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    expected = _as_written(original, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_the_importer_takes_conv_integer_from_users_models():
+    """A ``ConvInteger`` a user's model holds (ONNX Runtime's ``quantize_dynamic`` writes them) is no longer an
+    unsupported op, and imports as an int32 convolution."""
+    import tvm
+
+    model = ir.from_proto(conv_model())
+    qdq.integer_convs(model)
+    assert "ConvInteger" not in lower.unsupported_nodes(model)
+    mod = relax_build.import_onnx(ir.to_proto(model), {"x": [1, 16, 14, 14]}, qdq.importer_converters())
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    found: list = []
+    tvm.relax.analysis.post_order_visit(
+        mod["main"], lambda e: found.append(e) if isinstance(e, tvm.relax.Call) and e.op == conv2d else None
+    )
+    assert [str(c.ty.dtype) for c in found] == ["int32", "int32"]
