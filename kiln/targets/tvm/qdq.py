@@ -103,7 +103,10 @@ class DynamicQuantizeMatMulToInteger(RewriteRuleClassBase):
         zero, bias = (node.inputs[i] if len(node.inputs) > i else None for i in (3, 4))
         a_q, a_scale, a_zero = op.DynamicQuantizeLinear(a, _outputs=3)
         inputs = [a_q, codes, a_zero] + ([zero] if zero is not None else [])
-        product = op.Mul(op.Cast(op.MatMulInteger(*inputs), to=ir.DataType.FLOAT), op.Mul(a_scale, scale))
+        # the weight's scales, then the activation's: each multiply has the output's shape, so both fuse into the
+        # matmul's epilogue (a_scale * scale would be a separate [N] loop inside the matmul's function, which kiln's
+        # gemm rule does not take)
+        product = op.Mul(op.Mul(op.Cast(op.MatMulInteger(*inputs), to=ir.DataType.FLOAT), scale), a_scale)
         return product if bias is None else op.Add(product, bias)
 
 

@@ -62,8 +62,8 @@ def qdq_model(block_weight: bool = False, weight_input: bool = False) -> onnx.Mo
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
 
 
-def _x() -> np.ndarray:
-    return (np.random.default_rng(1).standard_normal((1, M, K)) * 1.5).astype(np.float32)
+def _x(rows: int = M) -> np.ndarray:
+    return (np.random.default_rng(1).standard_normal((1, rows, K)) * 1.5).astype(np.float32)
 
 
 def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -122,7 +122,7 @@ def test_float_models_are_left_alone():
     assert [n.op_type for n in model.graph] == ["MatMul"]
 
 
-def dynamic_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def dynamic_model(rows: int = M) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``y = com.microsoft.DynamicQuantizeMatMul(x, wq, s, z, b)`` (kiln's int8-dynamic form) and its constants."""
     rng = np.random.default_rng(2)
     inits = {
@@ -135,8 +135,8 @@ def dynamic_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     graph = oh.make_graph(
         [node],
         "dynamic",
-        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, M, K])],
-        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, M, N])],
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, rows, K])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, rows, N])],
         [onnx.numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
     opsets = [oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)]
@@ -167,10 +167,14 @@ def test_dynamic_quantize_matmul_becomes_standard_integer_ops():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_compiled_dynamic_quantize_matmul_runs_on_int16_pairs(tmp_path: Path):
+@pytest.mark.parametrize("rows", [M, 1])
+def test_compiled_dynamic_quantize_matmul_runs_on_int16_pairs(tmp_path: Path, rows: int):
+    """Many rows, and one (batch-1 decode, a classifier), which the gemm rule schedules as a matrix-vector
+    product."""
     import tvm
+    from tvm.target import codegen
 
-    model, constants = dynamic_model()
+    model, constants = dynamic_model(rows)
     path = tmp_path / "dynamic.onnx"
     onnx.save(model, path)
     prepared = lower.prepare(path, {}, {})
@@ -180,8 +184,10 @@ def test_compiled_dynamic_quantize_matmul_runs_on_int16_pairs(tmp_path: Path):
     mod = relax_build.schedule(relax_build.legalize(mod, target), target, None)
     matmuls = [f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
     assert len(matmuls) == 1 and '"int16"' in matmuls[0]  # the run-time zero point is 8-bit too
+    if codegen.target_has_features("avx2", target):
+        assert "llvm.x86.avx2.pmadd.wd" in matmuls[0]
     vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
-    x = _x()
+    x = _x(rows)
     expected = _dynamic_reference(x, constants)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
