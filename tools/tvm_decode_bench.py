@@ -50,12 +50,13 @@ def _compile(recipe: kiln.Recipe, out: Path, target: str | None, past: int) -> P
 
 def _weight_bytes(model_path: Path) -> int:
     """Bytes of the matmul weights one decode step reads: MatMul weights (constant, or a Transpose of one: the LM
-    head tied to the embedding table) and MatMulNBits' packed codes, scales and zero points. TVM reads the same
-    (float weights re-laid out, codes packed at the same bits)."""
+    head tied to the embedding table) and MatMulNBits' (DynamicQuantizeMatMul's) packed codes, scales and zero
+    points. TVM reads the same (float weights re-laid out, codes packed at the same bits), except int8 codes, which
+    its integer matmuls read as int16 (twice the bytes)."""
     model = kiln.load(model_path)
     total = 0
     for node in model.graph:
-        if node.op_type in ("MatMulNBits", "ShiftAddMatMul"):  # packed codes, scales (and zero points)
+        if node.op_type in ("MatMulNBits", "ShiftAddMatMul", "DynamicQuantizeMatMul"):  # codes, scales, zero points
             total += sum(v.const_value.nbytes for v in node.inputs[1:4] if v is not None and v.const_value is not None)
         elif node.op_type == "MatMul":
             weight = node.inputs[1]
