@@ -113,6 +113,7 @@ def gemm_rule() -> Any:
                 return None
             block = main.block_rv
             pairs = _int16_pairs(sch.get(block), reductions, target)
+            weight = sch.get(block).reads[operand].source.dtype  # int8 or int16 where pairs
             if pairs:
                 shape = int_tile_shape(main.iters[spatial - 2].dom, main.iters[spatial - 1].dom)
             else:
@@ -209,7 +210,7 @@ def gemm_rule() -> Any:
             init = sch.decompose_reduction(block, sch.get_loops(block)[2 + len(inner)])
             if pairs:
                 sch.vectorize(sch.get_loops(init)[-1])
-                sch.tensorize(lane, _pmaddwd_intrin())
+                sch.tensorize(lane, _pmaddwd_intrin(weight))
             return sch
 
     return Gemm()
@@ -244,7 +245,7 @@ def _int16_gemv(sch: Any, func: Any, infos: list, target: Any) -> bool:
     shape = int_tile_shape(1, main.iters[0].dom)
     if len(main.iters) != 2 or operand is None or shape is None or not _int16_pairs(sch.get(block), 1, target):
         return False
-    columns = shape[1]
+    columns, weight = shape[1], sch.get(block).reads[operand].source.dtype
     if len(infos) == 2:
         out = infos[1].block_rv
         sch.set_scope(block, 0, "local")
@@ -269,7 +270,7 @@ def _int16_gemv(sch: Any, func: Any, infos: list, target: Any) -> bool:
     sch.unroll(register)
     init = sch.decompose_reduction(block, k_pairs)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(lane, _pmaddwd_intrin())
+    sch.tensorize(lane, _pmaddwd_intrin(weight))
     return True
 
 
@@ -335,34 +336,39 @@ def _last_index_is(region: Any, var: Any) -> bool:
 
 
 def _int16_pairs(block: Any, reductions: int, target: Any) -> bool:
-    """Whether ``block`` sums int16 x int16 products into int32 over one reduction of even length on an AVX2 target:
-    then pairs of k are summed by one ``vpmaddwd`` (16 products per instruction, against 8 per float32 fused
-    multiply-add), which :mod:`kiln.targets.tvm.qdq` makes integer matmuls use."""
+    """Whether ``block`` sums int16 x int16 (or int16 x int8, the weight kept in 8 bits) products into int32 over one
+    reduction of even length on an AVX2 target: then pairs of k are summed by one ``vpmaddwd`` (16 products per
+    instruction, against 8 per float32 fused multiply-add), which :mod:`kiln.targets.tvm.qdq` makes integer matmuls
+    use."""
     from tvm.target import codegen
 
     reads = [r.source.dtype for r in block.reads]
-    if block.writes[0].source.dtype != "int32" or reads != ["int16", "int16"] or reductions != 1:
+    if block.writes[0].source.dtype != "int32" or reads[0] != "int16" or reads[1:] not in (["int16"], ["int8"]):
+        return False
+    if reductions != 1:
         return False
     k = block.iter_vars[-1].dom.extent
     return int(k) % 2 == 0 and bool(codegen.target_has_features("avx2", target))
 
 
-_PMADDWD = "kiln_avx2_pmaddwd_8x2"
+_PMADDWD = {"int16": "kiln_avx2_pmaddwd_8x2", "int8": "kiln_avx2_pmaddwd_8x2_s8"}
 
 
-def _pmaddwd_intrin() -> str:
+def _pmaddwd_intrin(weight: str = "int16") -> str:
     """Register (once) and name the tensor intrinsic ``C[j] += A[0] * B[j, 0] + A[1] * B[j, 1]`` for 8 columns j:
-    int16 inputs, int32 sums, one ``vpmaddwd`` of A's pair broadcast to 8 lanes and B's 16 contiguous values."""
+    int16 A, B of ``weight`` type (int8 is widened to int16 in the register, ``vpmovsxbw``, so an 8-bit weight is
+    read at 8 bits), int32 sums; one ``vpmaddwd`` of A's pair broadcast to 8 lanes and B's 16 contiguous values."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    if TensorIntrin.get(_PMADDWD, allow_missing=True) is not None:
-        return _PMADDWD
+    name = _PMADDWD[weight]
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
 
     @T.prim_func(s_tir=True)
     def desc(
         a: T.Buffer((2,), "int16", offset_factor=1),
-        b: T.Buffer((8, 2), "int16", offset_factor=1),
+        b: T.Buffer((8, 2), weight, offset_factor=1),
         c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
@@ -376,7 +382,7 @@ def _pmaddwd_intrin() -> str:
     @T.prim_func(s_tir=True)
     def impl(
         a: T.Buffer((2,), "int16", offset_factor=1),
-        b: T.Buffer((8, 2), "int16", offset_factor=1),
+        b: T.Buffer((8, 2), weight, offset_factor=1),
         c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
     ) -> None:
         with T.sblock("root"):
@@ -386,9 +392,9 @@ def _pmaddwd_intrin() -> str:
             c[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
                 T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
-                b.vload([0, 0], dtype="int16x16"),
+                T.Cast("int16x16", b.vload([0, 0], dtype=weight + "x16")),
                 dtype="int32x8",
             )
 
-    TensorIntrin.register(_PMADDWD, desc, impl)
-    return _PMADDWD
+    TensorIntrin.register(name, desc, impl)
+    return name

@@ -15,7 +15,9 @@ multiplies float32; :func:`integer_matmuls` rewrites the ONNX graph to the last 
 
 which the importer turns into ``matmul(astype(xq, int32) - zx, astype(wq, int32) - zw)`` in int32. Both operands
 fit in int16 (an 8-bit code minus an 8-bit zero point), so :func:`narrow` then gives the matmul int16 operands and
-an int32 result: half the bytes of the folded weight, and on AVX2 kiln's gemm rule (:mod:`kiln.targets.tvm.gemm`)
+an int32 result, a constant weight whose centered codes fit in int8 (symmetric int8, kiln's default) staying int8:
+a quarter of the bytes of the folded float weight, widened to int16 in registers; on AVX2 kiln's gemm rule
+(:mod:`kiln.targets.tvm.gemm`)
 sums pairs of products with ``vpmaddwd``, 16 multiply-adds per instruction against 8 per float32 fused
 multiply-add. The rescale ``* sx * sw``, the bias and the next layer's QuantizeLinear stay elementwise and fuse into
 the matmul's epilogue.
@@ -292,12 +294,18 @@ def narrow(mod: Any) -> Any:
                 return None if lhs is None or rhs is None else (lhs - rhs).astype(str(bound.ty.dtype))
             return None
 
-        def _small(self, expr: Any) -> Any:
-            """``expr`` as int16, or None where its values might not fit."""
+        def _small(self, expr: Any, weight: bool = False) -> Any:
+            """``expr`` as int16, or None where its values might not fit; a constant ``weight`` whose values fit
+            in int8 (symmetric int8 codes) as int8, which kiln's gemm rule widens in registers, so that it is
+            read at half the bytes."""
             values = self._constant(expr)
             if values is not None:
-                if values.dtype == np.int32 and values.size and np.abs(values).max() <= np.iinfo(np.int16).max:
-                    return relax.const(values.astype(np.int16))
+                if values.dtype != np.int32 or not values.size:
+                    return None
+                for narrow in (np.int8, np.int16)[0 if weight else 1 :]:
+                    info = np.iinfo(narrow)
+                    if info.min <= values.min() and values.max() <= info.max:
+                        return relax.const(values.astype(narrow))
                 return None
             bound = self._bound(expr)
             if isinstance(bound, relax.Call) and bound.op == subtract:
@@ -317,7 +325,7 @@ def narrow(mod: Any) -> Any:
             call = self.visit_expr_post_order(call)
             if call.op not in (matmul, conv2d) or call.ty.dtype != "int32":
                 return call
-            lhs, rhs = (self._small(a) for a in call.args)
+            lhs, rhs = self._small(call.args[0]), self._small(call.args[1], weight=True)
             if lhs is None or rhs is None:
                 return call
             if call.op == matmul:
