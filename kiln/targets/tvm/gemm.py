@@ -183,26 +183,13 @@ def gemm_rule() -> Any:
             )
             tile = sch.fuse(*[loops[n] for n in outer], column_tile, *chunks)
             sch.parallel(tile)
-            constant = _layout_free(func, sch.get(block).reads[operand].source)
-            panel = sch.cache_read(block, operand, "global")
-            if pairs:  # [K, N] -> [N / NR, K / 2, NR, 2]: a pmaddwd's 8 columns x 2 k are 16 contiguous int16
-                sch.transform_layout(
-                    panel,
-                    ("write", 0),
-                    lambda *ix: (*ix[:-2], ix[-1] // columns, ix[-2] // 2, ix[-1] % columns, ix[-2] % 2),
-                )
+            if pairs:
+                _panel(sch, func, block, operand, tile, _pair_layout(columns))
             else:
-                sch.transform_layout(
-                    panel, ("write", 0), lambda *ix: (*ix[:-2], ix[-1] // columns, ix[-2], ix[-1] % columns)
+                _panel(
+                    sch, func, block, operand, tile, lambda *ix: (*ix[:-2], ix[-1] // columns, ix[-2], ix[-1] % columns)
                 )
-            if constant:  # laid out once at compile time (relax_build.prepack_weights)
-                sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
-            else:
-                sch.compute_at(panel, tile)
-                sch.vectorize(sch.get_loops(panel)[-1])
-            sch.reverse_compute_at(out, row_tile)
-            _, out_lane = sch.split(sch.get_loops(out)[-1], [None, LANES])
-            sch.vectorize(out_lane)
+            _vector_epilogue(sch, out, row_tile)
             if not pairs:
                 sch.vectorize(lane)
             sch.unroll(register)
@@ -256,22 +243,38 @@ def _int16_gemv(sch: Any, func: Any, infos: list, target: Any) -> bool:
     k_pairs, pair = sch.split(k, [None, 2])
     sch.reorder(tile, k_pairs, register, lane, pair)
     sch.parallel(tile)
-    constant = _layout_free(func, sch.get(block).reads[operand].source)
-    panel = sch.cache_read(block, operand, "global")
-    sch.transform_layout(panel, ("write", 0), lambda k, j: (j // columns, k // 2, j % columns, k % 2))
-    if constant:
-        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
-    else:
-        sch.compute_at(panel, tile)
-        sch.vectorize(sch.get_loops(panel)[-1])
-    sch.reverse_compute_at(out, tile)
-    _, out_lane = sch.split(sch.get_loops(out)[-1], [None, LANES])
-    sch.vectorize(out_lane)
+    _panel(sch, func, block, operand, tile, _pair_layout(columns))
+    _vector_epilogue(sch, out, tile)
     sch.unroll(register)
     init = sch.decompose_reduction(block, k_pairs)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(lane, _pmaddwd_intrin(weight))
     return True
+
+
+def _panel(sch: Any, func: Any, block: Any, operand: int, tile: Any, layout: Any) -> None:
+    """B (read ``operand`` of ``block``) through a panel laid out by ``layout``: computed once at compile time for a
+    constant B (:func:`kiln.targets.tvm.relax_build.prepack_weights`), else copied once per iteration of ``tile``."""
+    constant = _layout_free(func, sch.get(block).reads[operand].source)  # before cache_read replaces the read
+    panel = sch.cache_read(block, operand, "global")
+    sch.transform_layout(panel, ("write", 0), layout)
+    if constant:
+        sch.annotate(panel, "meta_schedule.layout_rewrite_preproc", True)
+    else:
+        sch.compute_at(panel, tile)
+        sch.vectorize(sch.get_loops(panel)[-1])
+
+
+def _pair_layout(columns: int) -> Any:
+    """[..., K, N] -> [..., N / NR, K / 2, NR, 2]: a ``vpmaddwd``'s 8 columns x 2 k are 16 contiguous values."""
+    return lambda *ix: (*ix[:-2], ix[-1] // columns, ix[-2] // 2, ix[-1] % columns, ix[-2] % 2)
+
+
+def _vector_epilogue(sch: Any, out: Any, loop: Any) -> None:
+    """The block ``out`` (bias, activation, rescale) computed inside ``loop``, in vectors."""
+    sch.reverse_compute_at(out, loop)
+    _, lane = sch.split(sch.get_loops(out)[-1], [None, LANES])
+    sch.vectorize(lane)
 
 
 def _fuse_rows(sch: Any, block: Any, out: Any, iters: list, outer: list[int], fused: list[int], spatial: int) -> bool:
