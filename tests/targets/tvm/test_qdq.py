@@ -320,7 +320,6 @@ def test_compiled_integer_convs_use_int16_pairs_and_match_onnxruntime(tmp_path: 
         # the first weight's centered codes fit in int8 and stay 8-bit (widened in registers); the second's, uint8
         # codes minus 131, need int16
         assert sorted('"int8"' in s for s in convs.values()) == [False, True]
-        assert all("llvm.x86.avx2.pmadd.wd" in s for s in convs.values())
     vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
     x = _image()
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
