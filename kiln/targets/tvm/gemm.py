@@ -134,12 +134,14 @@ def gemm_rule() -> Any:
                 out = sch.cache_write(block, 0, "local")
             last_rows = main.iters[spatial - 2].dom
             inner = [n for n in range(spatial - 2) if n not in outer]
-            fuse = inner and reductions == 1 and -(-last_rows // rows) * rows > ROW_WASTE * last_rows
-            if inner and reductions == 1 and pairs and rows < 4:  # int16 tiles cannot be partial: find a taller
-                all_rows = last_rows * math.prod(main.iters[n].dom for n in inner)  # one over the fused rows
-                taller = int_tile_shape(all_rows, main.iters[spatial - 1].dom)
-                if taller is not None and taller[0] > rows:
-                    fuse, (rows, columns) = True, taller
+            fuse = False
+            if inner and reductions == 1:
+                fuse = -(-last_rows // rows) * rows > ROW_WASTE * last_rows
+                if pairs and rows < 4:  # int16 tiles cannot be partial: find a taller one over the fused rows
+                    all_rows = last_rows * math.prod(main.iters[n].dom for n in inner)
+                    taller = int_tile_shape(all_rows, main.iters[spatial - 1].dom)
+                    if taller is not None and taller[0] > rows:
+                        fuse, (rows, columns) = True, taller
             if fuse:
                 if not _fuse_rows(sch, block, out, main.iters, outer, [*inner, spatial - 2], spatial):
                     return None
@@ -346,7 +348,7 @@ def _int16_pairs(block: Any, reductions: int, target: Any) -> bool:
     from tvm.target import codegen
 
     reads = [r.source.dtype for r in block.reads]
-    if block.writes[0].source.dtype != "int32" or reads[0] != "int16" or reads[1:] not in (["int16"], ["int8"]):
+    if block.writes[0].source.dtype != "int32" or reads not in (["int16", "int16"], ["int16", "int8"]):
         return False
     if reductions != 1:
         return False

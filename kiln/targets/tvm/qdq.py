@@ -76,7 +76,7 @@ class QdqMatMulToInteger(RewriteRuleClassBase):
         return op.MatMul(x, w)
 
     def check(self, context: Any, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, **_: Any) -> MatchResult:
-        return _check_operands(MatchResult(), xq, wq, x, w, matrix=True)
+        return _check_operands(MatchResult(), xq, wq, x, w, rank=2, channel_axis=1)
 
     def rewrite(self, op: Any, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, **_: Any) -> ir.Value:
         dx, dw = x.producer(), w.producer()
@@ -128,7 +128,7 @@ class QdqConvToInteger(RewriteRuleClassBase):
         self, context: Any, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, y: ir.Value, **_: Any
     ) -> MatchResult:
         result = MatchResult()
-        conv, dw = y.producer(), w.producer()
+        conv = y.producer()
         codes = wq.const_value
         if codes is None or len(codes.shape) != 4 or tuple(codes.shape[2:]) != (1, 1):
             return result.fail(f"{conv.name}: weight is not a constant 1x1 kernel")
@@ -141,11 +141,7 @@ class QdqConvToInteger(RewriteRuleClassBase):
             return result.fail(f"{conv.name}: strided or padded")
         if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].dtype != ir.DataType.FLOAT:
             return result.fail(f"{conv.name}: bias is not float32")
-        # the matmul's conditions, with the weight's output channels on axis 0 instead of 1
-        sw = _params(dw)[0]
-        if sw is not None and sw.size != 1 and (sw.shape != (codes.shape[0],) or _axis(dw, 4) != 0):
-            return result.fail(f"{dw.name}: weight scale is neither per tensor nor per output channel")
-        return _check_operands(result, xq, wq, x, w, matrix=False)
+        return _check_operands(result, xq, wq, x, w, rank=4, channel_axis=0)
 
     def rewrite(self, op: Any, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, y: ir.Value, **_: Any) -> ir.Value:
         conv, dx, dw = y.producer(), x.producer(), w.producer()
@@ -171,9 +167,11 @@ class QdqConvToInteger(RewriteRuleClassBase):
 
 
 def _check_operands(
-    result: MatchResult, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, matrix: bool
+    result: MatchResult, xq: ir.Value, wq: ir.Value, x: ir.Value, w: ir.Value, rank: int, channel_axis: int
 ) -> MatchResult:
-    """The conditions on a QDQ product's dequantized operands that a matmul and a convolution share."""
+    """The conditions on a QDQ product's dequantized operands that a matmul and a convolution share: 8-bit codes, a
+    per-tensor activation, a constant weight of ``rank`` dimensions quantized per tensor or per output channel
+    (``channel_axis``: a matmul's columns, a convolution's first axis)."""
     dx, dw = x.producer(), w.producer()
     for node in (dx, dw):
         if node.attributes.get("block_size") is not None and node.attributes["block_size"].as_int():
@@ -191,12 +189,12 @@ def _check_operands(
     if zx is not None and zx.size != 1:
         return result.fail(f"{dx.name}: activation zero point not a scalar")
     codes, (sw, zw) = wq.const_value, _params(dw)
-    if codes is None or (matrix and len(codes.shape) != 2) or sw is None:
-        return result.fail(f"{dw.name}: weight is not a constant matrix")
+    if codes is None or len(codes.shape) != rank or sw is None:
+        return result.fail(f"{dw.name}: weight is not a constant {rank}-D tensor")
     if len(dw.inputs) > 2 and dw.inputs[2] is not None and zw is None:
         return result.fail(f"{dw.name}: weight zero point not constant")
-    if matrix and sw.size != 1 and (sw.shape != (codes.shape[1],) or _axis(dw, 2) != 1):
-        return result.fail(f"{dw.name}: weight scale is neither per tensor nor per column")
+    if sw.size != 1 and (sw.shape != (codes.shape[channel_axis],) or _axis(dw, rank) != channel_axis):
+        return result.fail(f"{dw.name}: weight scale is neither per tensor nor per output channel")
     if zw is not None and zw.size != sw.size:
         return result.fail(f"{dw.name}: weight zero point and scale differ in shape")
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -90,25 +91,36 @@ def test_blocked_or_non_constant_weights_stay_dequantized(kind: str):
     assert [n.op_type for n in model.graph].count("MatMul") == 1
 
 
-def test_compiled_integer_matmuls_use_int16_pairs_and_match_onnxruntime(tmp_path: Path):
+def _compiled(model: onnx.ModelProto, path: Path, kind: str) -> tuple[dict, dict[str, str], Any, bool]:
+    """``model`` through kiln's CPU lowering (integer QDQ, narrowing, channels-last, kiln's schedules): what
+    ``prepare`` lowered, the scheduled scripts of the functions whose names hold ``kind``, the compiled ``main`` and
+    whether the host has AVX2 (where the int16 pairs apply)."""
     import tvm
     from tvm.target import codegen
 
-    original = qdq_model()
-    path = tmp_path / "qdq.onnx"
-    onnx.save(original, path)
+    from kiln.targets.tvm import layout
+
+    onnx.save(model, path)
     prepared = lower.prepare(path, {}, {}, integer_qdq=True)
-    assert prepared.lowered["QDQ MatMul"] == 2
     target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
-    mod = qdq.narrow(relax_build.import_onnx(prepared.proto, prepared.shapes))
-    mod = relax_build.schedule(relax_build.legalize(mod, target), target, None)
-    matmuls = {gv.name_hint: f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint}
+    mod = qdq.narrow(relax_build.import_onnx(prepared.proto, prepared.shapes, qdq.importer_converters()))
+    mod = relax_build.schedule(relax_build.legalize(layout.channels_last(mod), target), target, None)
+    scripts = {gv.name_hint: f.script() for gv, f in mod.functions_items() if kind in gv.name_hint}
+    main = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())["main"]
+    return prepared.lowered, scripts, main, bool(codegen.target_has_features("avx2", target))
+
+
+def test_compiled_integer_matmuls_use_int16_pairs_and_match_onnxruntime(tmp_path: Path):
+    import tvm
+
+    original = qdq_model()
+    lowered, matmuls, main, avx2 = _compiled(original, tmp_path / "qdq.onnx", "matmul")
+    assert lowered["QDQ MatMul"] == 2
     assert len(matmuls) == 2 and all('"int16"' in s for s in matmuls.values())
-    if codegen.target_has_features("avx2", target):
+    if avx2:
         assert all("llvm.x86.avx2.pmadd.wd" in s for s in matmuls.values())
-    vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
     x = _x()
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    got = main(tvm.runtime.tensor(x)).numpy()
     expected = _ort(original, {"x": x})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
@@ -172,24 +184,16 @@ def test_compiled_dynamic_quantize_matmul_runs_on_int16_pairs(tmp_path: Path, ro
     """Many rows, and one (batch-1 decode, a classifier), which the gemm rule schedules as a matrix-vector
     product."""
     import tvm
-    from tvm.target import codegen
 
     model, constants = dynamic_model(rows)
-    path = tmp_path / "dynamic.onnx"
-    onnx.save(model, path)
-    prepared = lower.prepare(path, {}, {})
-    assert prepared.lowered["DynamicQuantizeMatMul"] == 1
-    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
-    mod = qdq.narrow(relax_build.import_onnx(prepared.proto, prepared.shapes))
-    mod = relax_build.schedule(relax_build.legalize(mod, target), target, None)
-    matmuls = [f.script() for gv, f in mod.functions_items() if "matmul" in gv.name_hint]
-    assert len(matmuls) == 1 and '"int16"' in matmuls[0]  # the run-time zero point is 8-bit too
-    if codegen.target_has_features("avx2", target):
-        assert "llvm.x86.avx2.pmadd.wd" in matmuls[0]
-    vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
+    lowered, matmuls, main, avx2 = _compiled(model, tmp_path / "dynamic.onnx", "matmul")
+    assert lowered["DynamicQuantizeMatMul"] == 1
+    assert len(matmuls) == 1 and '"int16"' in next(iter(matmuls.values()))  # the run-time zero point is 8-bit too
+    if avx2:
+        assert "llvm.x86.avx2.pmadd.wd" in next(iter(matmuls.values()))
     x = _x(rows)
     expected = _dynamic_reference(x, constants)
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    got = main(tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
@@ -296,22 +300,12 @@ def test_compiled_integer_convs_use_int16_pairs_and_match_onnxruntime(tmp_path: 
     """Both convolutions, with per-output-channel weight zero points too (which ONNX Runtime's ConvInteger rejects,
     so the reference is the QDQ model)."""
     import tvm
-    from tvm.target import codegen
-
-    from kiln.targets.tvm import layout
 
     original = conv_model(asymmetric=asymmetric)
-    path = tmp_path / "conv.onnx"
-    onnx.save(original, path)
-    prepared = lower.prepare(path, {}, {}, integer_qdq=True)
-    assert prepared.lowered["QDQ Conv"] == 2
-    target = relax_build.llvm_target("x86_64-linux-gnu", relax_build.host_cpu())
-    mod = qdq.narrow(relax_build.import_onnx(prepared.proto, prepared.shapes, qdq.importer_converters()))
-    mod = layout.channels_last(mod)
-    mod = relax_build.schedule(relax_build.legalize(mod, target), target, None)
-    convs = {gv.name_hint: f.script() for gv, f in mod.functions_items() if "conv2d" in gv.name_hint}
+    lowered, convs, main, avx2 = _compiled(original, tmp_path / "conv.onnx", "conv2d")
+    assert lowered["QDQ Conv"] == 2
     assert len(convs) == 2 and all('"int16"' in s for s in convs.values())
-    if codegen.target_has_features("avx2", target):
+    if avx2:
         assert all("llvm.x86.avx2.pmadd.wd" in s for s in convs.values())
         # 16 -> 32 channels: the map's 14 x 14 pixels as one row loop of 196 in 4 x 16 tiles, rather than rows of 14
         # in 2 x 16 tiles; 32 -> 24 channels: rows of 14 in 7 x 8 tiles
@@ -320,9 +314,8 @@ def test_compiled_integer_convs_use_int16_pairs_and_match_onnxruntime(tmp_path: 
         # the first weight's centered codes fit in int8 and stay 8-bit (widened in registers); the second's, uint8
         # codes minus 131, need int16
         assert sorted('"int8"' in s for s in convs.values()) == [False, True]
-    vm = tvm.relax.VirtualMachine(relax_build.compile_module(mod, target), tvm.cpu())
     x = _image()
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    got = main(tvm.runtime.tensor(x)).numpy()
     expected = _as_written(original, {"x": x})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
