@@ -603,7 +603,7 @@ def _inverse_lower(lower: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def _upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
+def upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """Upper triangular ``U`` with ``H^-1 = U^T U``.
 
     With ``J`` the order reversal, ``J H J = L L^T`` gives ``H^-1 = (J L^-1 J)^T (J L^-1 J)``, and ``J L^-1 J`` is
@@ -678,7 +678,7 @@ def gptq(
     diagonal, lam = damping(h, damp)
     order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
     h[np.diag_indices(k)] = diagonal + lam
-    u = _upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
+    u = upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
     del h
 
     work = np.asarray(w, dtype=np.float32)[order]

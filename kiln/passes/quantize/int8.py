@@ -47,6 +47,7 @@ import onnx_ir as ir
 from onnxscript import version_converter
 
 from kiln.errors import KilnError
+from kiln.passes.quantize import gptq
 
 WeightType = Literal["uint8", "int8"]
 ActivationType = Literal["uint8", "int8"]
@@ -116,10 +117,8 @@ class QuantizedWeight:
         return centered * self.scales.reshape(shape)
 
 
-def quantize_weight(
-    w: np.ndarray, axis: int, weight_type: WeightType, min_scales: np.ndarray | None = None
-) -> QuantizedWeight:
-    """Symmetric per-channel quantization of ``w`` along ``axis`` (the output channels), scales >= ``min_scales``."""
+def channel_scales(w: np.ndarray, axis: int, min_scales: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel scales ``max |W_c| / 127`` along ``axis``, at least ``min_scales``; 1 for an all-zero channel."""
     w = np.asarray(w, dtype=np.float32)
     reduce = tuple(i for i in range(w.ndim) if i != axis)
     absmax = np.abs(w).max(axis=reduce) if reduce else np.abs(w)
@@ -127,12 +126,59 @@ def quantize_weight(
     if min_scales is not None:
         scales = np.maximum(scales, min_scales.astype(np.float32))
     scales[scales == 0] = 1.0
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    codes = np.clip(np.rint(w / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX)
+    return scales
+
+
+def encode_weight(codes: np.ndarray, scales: np.ndarray, axis: int, weight_type: WeightType) -> QuantizedWeight:
+    """Centered codes in ``[-127, 127]`` stored as ``weight_type`` (see the module docstring)."""
     if weight_type == "uint8":
         return QuantizedWeight((codes + 128).astype(np.uint8), scales, np.full(scales.shape, 128, np.uint8), axis)
     return QuantizedWeight(codes.astype(np.int8), scales, np.zeros(scales.shape, np.int8), axis)
+
+
+def quantize_weight(
+    w: np.ndarray, axis: int, weight_type: WeightType, min_scales: np.ndarray | None = None
+) -> QuantizedWeight:
+    """Symmetric per-channel quantization of ``w`` along ``axis`` (the output channels), scales >= ``min_scales``."""
+    w = np.asarray(w, dtype=np.float32)
+    scales = channel_scales(w, axis, min_scales)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    codes = np.clip(np.rint(w / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX)
+    return encode_weight(codes, scales, axis, weight_type)
+
+
+def gptq_codes(
+    w: np.ndarray, hessian: np.ndarray, scales: np.ndarray, damp: float = 0.01, block: int = 128
+) -> np.ndarray:
+    """GPTQ rounding of ``w`` [G, K, N] onto fixed per-column grids ``scales`` [G, N]: centered codes [G, K, N].
+
+    Each of the G problems (a convolution's groups) has its input's Hessian ``hessian`` [G, K, K]. Rows are rounded
+    in order and the rows after each absorb its error (:mod:`kiln.passes.quantize.gptq`), so the output error
+    ``tr(D^T H D)``, not the weight error, is what rounding keeps small. The scales stay those of round-to-nearest:
+    only which grid point each weight takes changes.
+    """
+    groups, k, n = w.shape
+    inverse_factors = np.empty((groups, k, k), dtype=np.float32)
+    for g in range(groups):
+        h = np.array(hessian[g], dtype=np.float64)
+        diagonal, lam = gptq.damping(h, damp)
+        h[np.diag_indices(k)] = diagonal + lam
+        inverse_factors[g] = gptq.upper_inverse_cholesky(h)
+    work = np.array(w, dtype=np.float32)
+    step = scales.astype(np.float32)[:, None, :]
+    codes = np.empty_like(work)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        errors = np.empty((groups, b1 - b0, n), dtype=np.float32)
+        for r in range(b0, b1):
+            q = np.clip(np.rint(work[:, r] / step[:, 0]), -WEIGHT_QMAX, WEIGHT_QMAX)
+            codes[:, r] = q
+            error = (work[:, r] - q * step[:, 0]) / inverse_factors[:, r, r, None]
+            work[:, r + 1 : b1] -= inverse_factors[:, r, r + 1 : b1, None] * error[:, None, :]
+            errors[:, r - b0] = error
+        work[:, b1:] -= np.matmul(inverse_factors[:, b0:b1, b1:].transpose(0, 2, 1), errors)
+    return codes
 
 
 def bias_scale_floor(bias: np.ndarray, input_scale: float) -> np.ndarray:

@@ -47,7 +47,7 @@ import dataclasses
 
 import numpy as np
 
-from kiln.passes.quantize.gptq import _upper_inverse_cholesky
+from kiln.passes.quantize.gptq import upper_inverse_cholesky
 from kiln.runtime_ops import shiftadd
 
 #: Rows updated one by one inside a group before the rest of the group gets their errors in one product.
@@ -201,7 +201,7 @@ def bcq_gptq(
     order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(k)
     if compensate:
         h[np.diag_indices(k)] = diagonal + damp * float(diagonal.mean())
-        u = _upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
+        u = upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
     del h
 
     def fit_group(g: int, rows: np.ndarray) -> Levels:

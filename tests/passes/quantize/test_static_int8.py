@@ -14,7 +14,7 @@ from kiln.compiler.calibration import CalibrationData
 from kiln.errors import CalibrationError, RecipeError
 from kiln.passes import create
 from kiln.passes._base import PassContext
-from kiln.passes.quantize import ranges
+from kiln.passes.quantize import int8, ranges
 from kiln.passes.quantize.static_int8 import StaticInt8, StaticInt8Options
 
 RNG = np.random.default_rng(0)
@@ -316,6 +316,58 @@ def test_layers_above_max_layer_error_stay_float() -> None:
     before = ir.to_proto(model).SerializeToString()
     assert not _quantize(model, _known_range_feeds(24, -1.0, 3.0), max_layer_error=1e-6).details["layers"]
     assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_gptq_codes_lower_the_output_error_on_the_same_grid() -> None:
+    k, n = 24, 6
+    w = RNG.standard_normal((2, k, n)).astype(np.float32)
+    scales = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    mixing = RNG.standard_normal((2, k, k))
+    hessian = mixing @ mixing.transpose(0, 2, 1) + np.ones((2, k, k))  # correlated inputs with a common mean
+    nearest = np.clip(np.rint(w / scales[:, None]), -127, 127)
+    codes = int8.gptq_codes(w, hessian, scales)
+    assert np.array_equal(codes, np.rint(codes)) and np.abs(codes).max() <= 127
+
+    def error(g: int, c: np.ndarray) -> float:
+        d = w[g] - c * scales[g]
+        return float(np.trace(d.T @ hessian[g] @ d))
+
+    for g in range(2):
+        assert error(g, codes[g]) < 0.7 * error(g, nearest[g])
+    # Uncorrelated inputs: nothing to compensate, GPTQ is round-to-nearest.
+    identity = np.broadcast_to(np.eye(k), (2, k, k))
+    assert np.array_equal(int8.gptq_codes(w, identity, scales), nearest)
+
+
+def test_gptq_rounding_and_bias_correction_on_a_cnn() -> None:
+    # Smooth images with a non-zero mean, as photos are: neighbouring inputs are correlated, which GPTQ exploits,
+    # and a weight error changes every output's mean, which bias correction removes.
+    def smooth(n: int) -> np.ndarray:
+        coarse = RNG.standard_normal((n, 3, 2, 2))
+        return (np.kron(coarse, np.ones((4, 4))) + 0.1 * RNG.standard_normal((n, 3, 8, 8)) + 1.0).astype(np.float32)
+
+    feeds = [{"x": smooth(8)} for _ in range(4)]
+    original = ir.to_proto(_cnn())
+    reference = _session(ir.from_proto(original))
+    errors = {}
+    for options in ({}, {"rounding": "gptq", "bias_correction": True}):
+        model = ir.from_proto(original)
+        sq = _quantize(model, feeds, **options)
+        assert sq.details["ort_fusion"]["integer_ops"] == {"QGemm": 1, "QLinearConv": 3}
+        quantized = _session(model)
+        x = np.concatenate([f["x"] for f in feeds])
+        errors[bool(options)] = np.linalg.norm(quantized.run(None, {"x": x})[0] - reference.run(None, {"x": x})[0])
+        layers = sq.details["layers"]
+        if options:
+            for layer in layers.values():
+                assert layer["output_rel_error"] <= layer["output_rel_error_nearest"] * (1 + 1e-6)
+                assert layer["bias_correction_norm"] > 0
+            # The depthwise conv had no bias: it gets one, as int32 codes ORT's QLinearConv reads.
+            dwconv = next(n for n in model.graph if n.name == "dwconv")
+            assert dwconv.inputs[2].producer().inputs[0].const_value.dtype == ir.DataType.INT32
+        else:
+            assert all("output_rel_error" not in layer for layer in layers.values())
+    assert errors[True] < 0.9 * errors[False]
 
 
 def test_shared_input_and_weight_are_quantized_once() -> None:
