@@ -142,10 +142,14 @@ def quantize_weight(
     """Symmetric per-channel quantization of ``w`` along ``axis`` (the output channels), scales >= ``min_scales``."""
     w = np.asarray(w, dtype=np.float32)
     scales = channel_scales(w, axis, min_scales)
+    return encode_weight(nearest_codes(w, scales, axis), scales, axis, weight_type)
+
+
+def nearest_codes(w: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
+    """Centered codes of ``w`` rounded to the nearest point of the per-channel grids ``scales`` along ``axis``."""
     shape = [1] * w.ndim
     shape[axis] = -1
-    codes = np.clip(np.rint(w / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX)
-    return encode_weight(codes, scales, axis, weight_type)
+    return np.clip(np.rint(w / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
 def gptq_codes(
@@ -166,15 +170,15 @@ def gptq_codes(
         h[np.diag_indices(k)] = diagonal + lam
         inverse_factors[g] = gptq.upper_inverse_cholesky(h)
     work = np.array(w, dtype=np.float32)
-    step = scales.astype(np.float32)[:, None, :]
+    step = scales.astype(np.float32)
     codes = np.empty_like(work)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         errors = np.empty((groups, b1 - b0, n), dtype=np.float32)
         for r in range(b0, b1):
-            q = np.clip(np.rint(work[:, r] / step[:, 0]), -WEIGHT_QMAX, WEIGHT_QMAX)
+            q = np.clip(np.rint(work[:, r] / step), -WEIGHT_QMAX, WEIGHT_QMAX)
             codes[:, r] = q
-            error = (work[:, r] - q * step[:, 0]) / inverse_factors[:, r, r, None]
+            error = (work[:, r] - q * step) / inverse_factors[:, r, r, None]
             work[:, r + 1 : b1] -= inverse_factors[:, r, r + 1 : b1, None] * error[:, None, :]
             errors[:, r - b0] = error
         work[:, b1:] -= np.matmul(inverse_factors[:, b0:b1, b1:].transpose(0, 2, 1), errors)

@@ -229,10 +229,8 @@ class StaticInt8(KilnPass):
             if site.node.op_type == "Conv":
                 found = ConvGeometry.of(site.node, tuple(site.weight.shape.numpy()))  # type: ignore[union-attr]
                 if isinstance(found, str):
-                    self.details["layers_without_statistics"] = {
-                        **self.details.get("layers_without_statistics", {}),
-                        site.label: f"rounded to nearest, no bias correction: {found}",
-                    }
+                    without = self.details.setdefault("layers_without_statistics", {})
+                    without[site.label] = f"rounded to nearest, no bias correction: {found}"
                     continue
                 geometry = found
             key = (site.activation.name, geometry)
@@ -400,9 +398,10 @@ class StaticInt8(KilnPass):
         array = tensor.numpy()
         key = (site.weight, site.axis)
         moments = self._moments.get(site.label)
+        hessian = None if moments is None else moments.hessian
         if key not in quantized:
-            if moments is not None and self.options.rounding == "gptq":
-                quantized[key] = self._gptq_weight(array, site, moments, floors.get(key))
+            if hessian is not None and self.options.rounding == "gptq":
+                quantized[key] = self._gptq_weight(array, site, hessian, floors.get(key))
             else:
                 quantized[key] = int8.quantize_weight(array, site.axis, self.options.weight_type, floors.get(key))
         raised = int((floors[key] > quantized[key].scales * (1 - 1e-6)).sum()) if key in floors else 0
@@ -410,8 +409,8 @@ class StaticInt8(KilnPass):
             layer["scales_raised_for_bias"] = raised
         restored = quantized[key].dequantize()
         layer["weight_rel_error"] = int8.relative_error(array, restored)
-        if moments is not None:
-            layer.update(self._calibrated_errors(array, quantized[key], site, moments))
+        if moments is not None and hessian is not None:
+            layer.update(self._calibrated_errors(array, quantized[key], site, hessian, moments))
         if site.is_linear:
             transposed = site.axis == 0
             error, signal = int8.estimated_error(
@@ -428,44 +427,47 @@ class StaticInt8(KilnPass):
         return layer
 
     def _gptq_weight(
-        self, array: np.ndarray, site: _Site, moments: InputMoments, min_scales: np.ndarray | None
+        self, array: np.ndarray, site: _Site, hessian: np.ndarray, min_scales: np.ndarray | None
     ) -> int8.QuantizedWeight:
         """The weight on round-to-nearest's scales, its grid points chosen by GPTQ on the layer's input Hessian."""
         scales = int8.channel_scales(array, site.axis, min_scales)
-        groups = moments.hessian.shape[0]
+        groups = hessian.shape[0]
         codes = int8.gptq_codes(
-            _to_groups(array, site, groups),
-            moments.hessian,
-            scales.reshape(groups, -1),
-            damp=self.options.damp,
+            _to_groups(array, site, groups), hessian, scales.reshape(groups, -1), damp=self.options.damp
         )
         return int8.encode_weight(_from_groups(codes, site, array.shape), scales, site.axis, self.options.weight_type)
 
     def _calibrated_errors(
-        self, array: np.ndarray, quantized: int8.QuantizedWeight, site: _Site, moments: InputMoments
+        self,
+        array: np.ndarray,
+        quantized: int8.QuantizedWeight,
+        site: _Site,
+        hessian: np.ndarray,
+        moments: InputMoments,
     ) -> dict[str, Any]:
         """The layer's exact output error on the calibration data, and its bias correction when asked for."""
-        groups = moments.hessian.shape[0]
+        groups = hessian.shape[0]
         w = _to_groups(array, site, groups).astype(np.float64)
-        d = w - _to_groups(quantized.dequantize(), site, groups)
-        hessian = moments.hessian
         signal = float(np.einsum("gkn,gkn->", w, hessian @ w))
-        error = float(np.einsum("gkn,gkn->", d, hessian @ d))
-        found: dict[str, Any] = {"output_rel_error": math.sqrt(error / signal) if signal > 0 else 0.0}
+
+        def relative(restored: np.ndarray) -> tuple[float, np.ndarray]:
+            d = w - _to_groups(restored, site, groups)
+            error = float(np.einsum("gkn,gkn->", d, hessian @ d))
+            return (math.sqrt(error / signal) if signal > 0 else 0.0), d
+
+        found: dict[str, Any] = {}
+        found["output_rel_error"], d = relative(quantized.dequantize())
         if self.options.rounding == "gptq":
+            nearest = int8.nearest_codes(array, quantized.scales, site.axis)
             shape = [1] * array.ndim
             shape[site.axis] = -1
-            scales = quantized.scales.reshape(shape)
-            nearest = np.clip(np.rint(array / scales), -int8.WEIGHT_QMAX, int8.WEIGHT_QMAX) * scales
-            d_nearest = w - _to_groups(nearest, site, groups)
-            error = float(np.einsum("gkn,gkn->", d_nearest, hessian @ d_nearest))
-            found["output_rel_error_nearest"] = math.sqrt(error / signal) if signal > 0 else 0.0
+            found["output_rel_error_nearest"], _ = relative(nearest * quantized.scales.reshape(shape))
         if self.options.bias_correction:
-            # E[p W + b] = E[p W' + b'] on the calibration data: b' = b + E[p] (W - W').
-            shift = np.einsum("gk,gkn->gn", moments.mean, d).reshape(-1).astype(np.float32)
             if site.bias_use is None and site.node.op_type != "Conv":
                 found["bias_correction"] = "none: the layer has no constant bias to carry it"
             else:
+                # E[p W + b] = E[p W' + b'] on the calibration data: b' = b + E[p] (W - W').
+                shift = np.einsum("gk,gkn->gn", moments.mean, d).reshape(-1).astype(np.float32)
                 self._shifts[site.label] = shift
                 found["bias_correction_norm"] = float(np.linalg.norm(shift))
         return found

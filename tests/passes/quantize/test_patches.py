@@ -68,5 +68,7 @@ def test_rows_of_the_last_axis_and_errors() -> None:
     with pytest.raises(CalibrationError, match="no calibration rows"):
         _ = InputMoments().mean
     assert ConvGeometry.of(ir.node("Conv", []), (4, 2, 3)) == "a 1-D convolution (patch statistics cover 2-D ones)"
+    with pytest.raises(CalibrationError, match="a 2-D convolution's input has rank 3, not 4"):
+        InputMoments(ConvGeometry(kernel=(1, 1))).update(np.zeros((1, 2, 3), np.float32))
     with pytest.raises(CalibrationError, match="smaller than its kernel"):
         InputMoments(ConvGeometry(kernel=(5, 5))).update(np.zeros((1, 2, 3, 3), np.float32))

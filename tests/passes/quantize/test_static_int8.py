@@ -370,6 +370,19 @@ def test_gptq_rounding_and_bias_correction_on_a_cnn() -> None:
     assert errors[True] < 0.9 * errors[False]
 
 
+def test_a_1d_conv_is_rounded_to_nearest_and_says_why() -> None:
+    w = (0.3 * RNG.standard_normal((4, 3, 3))).astype(np.float32)
+    x = testing.value("x", ["n", 3, 8])
+    conv = ir.node("Conv", [x, testing.initializer("w", w)], name="conv1d")
+    model = testing.model([x], [_typed(conv.outputs[0], "y", ["n", 4, 6])], [conv], [conv.inputs[1]])
+    feeds = [{"x": RNG.standard_normal((2, 3, 8)).astype(np.float32)}]
+    sq = _quantize(model, feeds, rounding="gptq", bias_correction=True, check_fusion=False)
+    assert sq.details["layers_without_statistics"] == {
+        "conv1d": "rounded to nearest, no bias correction: a 1-D convolution (patch statistics cover 2-D ones)"
+    }
+    assert "output_rel_error" not in sq.details["layers"]["conv1d"] and len(conv.inputs) == 2
+
+
 def test_shared_input_and_weight_are_quantized_once() -> None:
     k = 16
     w = testing.initializer("W", RNG.standard_normal((k, k)).astype(np.float32))
@@ -419,6 +432,12 @@ def test_options_and_recipes() -> None:
         create("quantize.static-int8", {"percentile": 20})
     with pytest.raises(RecipeError, match="op_types"):
         create("quantize.static-int8", {"op_types": ["LayerNormalization"]})
+    with pytest.raises(RecipeError, match="option 'rounding' must be one of 'nearest', 'gptq', got 'adaround'"):
+        create("quantize.static-int8", {"rounding": "adaround"})
+    with pytest.raises(RecipeError, match=r"damp must be in \(0, 1\), got 0"):
+        create("quantize.static-int8", {"damp": 0})
+    with pytest.raises(ValueError, match="rounding must be 'nearest' or 'gptq', got 'adaround'"):
+        StaticInt8Options(rounding="adaround")  # type: ignore[arg-type]
     steps = {
         name: [step.name for step in recipes.load(name).passes]
         for name in ("int8-static", "int8-dynamic", "w8a8-smoothquant")
