@@ -113,16 +113,21 @@ class Gram(Reducer):
 
 
 class Histogram(Reducer):
-    """Histogram of values over a fixed range (set from a previous MinMax pass), for percentile/entropy ranges."""
+    """Histogram of values over a fixed range (set from a previous MinMax pass), for percentile/entropy/mse ranges;
+    optionally without exact zeros."""
 
-    def __init__(self, low: float, high: float, bins: int = 2048) -> None:
+    def __init__(self, low: float, high: float, bins: int = 2048, *, skip_zeros: bool = False) -> None:
         if not high > low:
             high = low + 1e-12
         self.edges = np.linspace(low, high, bins + 1)
         self.counts = np.zeros(bins, dtype=np.int64)
+        self.skip_zeros = skip_zeros
 
     def update(self, array: np.ndarray) -> None:
-        clipped = np.clip(array.ravel(), self.edges[0], self.edges[-1])
+        values = array.ravel()
+        if self.skip_zeros:
+            values = values[values != 0]
+        clipped = np.clip(values, self.edges[0], self.edges[-1])
         self.counts += np.histogram(clipped, bins=self.edges)[0]
 
 

@@ -7,17 +7,19 @@ Math. Each quantized layer ``Y = op(X, W[, b])`` (MatMul, Gemm, Conv) computes w
     b' = round(b / (s_x * s_c)) * s_x * s_c                         int32, as the integer kernels need
 
 (grids in :mod:`kiln.passes.quantize.int8`). Activation ranges come from the calibration set by ``method``:
-``minmax``, ``percentile`` or ``entropy`` (:mod:`kiln.passes.quantize.ranges`), from statistics streamed batch by
-batch, never from stored activations. Activations are uint8 asymmetric (default) or int8 symmetric.
+``minmax``, ``percentile``, ``entropy`` or ``mse`` (:mod:`kiln.passes.quantize.ranges`), from statistics streamed
+batch by batch, never from stored activations. Activations are uint8 asymmetric (default) or int8 symmetric.
 
 Weight rounding. ``rounding="gptq"`` keeps every scale ``s_c`` but picks the codes with GPTQ
 (:func:`kiln.passes.quantize.int8.gptq_codes`) on the Hessian ``H = E[p^T p]`` of the rows ``p`` the weight
 multiplies: rows of a MatMul/Gemm input, im2col patches of a Conv input per group (padding included,
 :mod:`kiln.passes.quantize.patches`). The layer's output error on the calibration data, ``tr(D^T H D)`` with
 ``D = W - W'``, is what it minimizes; ``details`` reports it as ``output_rel_error`` next to round-to-nearest's
-``output_rel_error_nearest``. ``bias_correction`` then folds the remaining mean error into the bias,
-``b' = b + E[p] D``, so the layer's mean output on the calibration data is the float one (a Conv without a bias
-gets one). Both matter where a filter's weights nearly cancel on smooth inputs: EfficientNet-Lite0's first
+``output_rel_error_nearest``. GPTQ's greedy order can lose to plain rounding on an output channel (on small
+layers, mostly): such a channel keeps the nearest codes (``channels_kept_nearest``), so every channel's error on
+the calibration data is at most round-to-nearest's. ``bias_correction`` then folds the remaining mean error into
+the bias, ``b' = b + E[p] D``, so the layer's mean output on the calibration data is the float one (a Conv without
+a bias gets one). Both matter where a filter's weights nearly cancel on smooth inputs: EfficientNet-Lite0's first
 depthwise filters (edge detectors, weights up to 18, summing to about 0) turn independent rounding errors into an
 offset of the whole feature map; on its photos these two options halve the logit error of W8A8.
 
@@ -77,9 +79,10 @@ _QDQ_TYPES = {np.uint8: ir.DataType.UINT8, np.int8: ir.DataType.INT8}
 class StaticInt8Options:
     """Options of ``quantize.static-int8``.
 
-    * ``method``: activation ranges by "minmax", "percentile" or "entropy" (KL divergence, TensorRT-style).
+    * ``method``: activation ranges by "minmax", "percentile", "entropy" (KL divergence, TensorRT-style) or "mse"
+      (least expected squared quantization error of each tensor).
     * ``percentile``: share of values (in %) the range keeps, for ``method="percentile"``.
-    * ``bins``: histogram bins for "percentile" and "entropy".
+    * ``bins``: histogram bins for "percentile", "entropy" and "mse".
     * ``activation_type``: "uint8" (asymmetric) or "int8" (symmetric) activations.
     * ``weight_type``: storage of the symmetric per-channel weight codes: "uint8" (zero point 128) runs exactly
       on every x86 CPU; "int8" saturates in ONNX Runtime's kernels on CPUs without VNNI.
@@ -111,8 +114,8 @@ class StaticInt8Options:
     damp: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.method not in ("minmax", "percentile", "entropy"):
-            raise ValueError(f"method must be 'minmax', 'percentile' or 'entropy', got {self.method!r}")
+        if self.method not in ("minmax", "percentile", "entropy", "mse"):
+            raise ValueError(f"method must be 'minmax', 'percentile', 'entropy' or 'mse', got {self.method!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.bins < ranges.ENTROPY_LEVELS:
@@ -401,7 +404,8 @@ class StaticInt8(KilnPass):
         hessian = None if moments is None else moments.hessian
         if key not in quantized:
             if hessian is not None and self.options.rounding == "gptq":
-                quantized[key] = self._gptq_weight(array, site, hessian, floors.get(key))
+                quantized[key], kept_nearest = self._gptq_weight(array, site, hessian, floors.get(key))
+                layer["channels_kept_nearest"] = kept_nearest
             else:
                 quantized[key] = int8.quantize_weight(array, site.axis, self.options.weight_type, floors.get(key))
         raised = int((floors[key] > quantized[key].scales * (1 - 1e-6)).sum()) if key in floors else 0
@@ -428,14 +432,20 @@ class StaticInt8(KilnPass):
 
     def _gptq_weight(
         self, array: np.ndarray, site: _Site, hessian: np.ndarray, min_scales: np.ndarray | None
-    ) -> int8.QuantizedWeight:
-        """The weight on round-to-nearest's scales, its grid points chosen by GPTQ on the layer's input Hessian."""
+    ) -> tuple[int8.QuantizedWeight, int]:
+        """The weight on round-to-nearest's scales, its grid points chosen by GPTQ on the layer's input Hessian, and
+        how many output channels kept round-to-nearest's codes because GPTQ's were worse for them."""
         scales = int8.channel_scales(array, site.axis, min_scales)
         groups = hessian.shape[0]
-        codes = int8.gptq_codes(
-            _to_groups(array, site, groups), hessian, scales.reshape(groups, -1), damp=self.options.damp
-        )
-        return int8.encode_weight(_from_groups(codes, site, array.shape), scales, site.axis, self.options.weight_type)
+        grouped = _to_groups(array, site, groups)
+        steps = scales.reshape(groups, 1, -1)
+        codes = int8.gptq_codes(grouped, hessian, steps[:, 0], damp=self.options.damp)
+        nearest = _to_groups(int8.nearest_codes(array, scales, site.axis), site, groups)
+        # each output channel's error is its own (GPTQ compensates along the input only): keep the better codes
+        worse = _channel_errors(grouped, codes * steps, hessian) > _channel_errors(grouped, nearest * steps, hessian)
+        codes = np.where(worse[:, None, :], nearest, codes)
+        weight = int8.encode_weight(_from_groups(codes, site, array.shape), scales, site.axis, self.options.weight_type)
+        return weight, int(worse.sum())
 
     def _calibrated_errors(
         self,
@@ -600,6 +610,12 @@ def _dequantize_node(graph: ir.Graph, base: str, quantized: int8.QuantizedWeight
     node.outputs[0].name = names.fresh(f"{base}_dequantized")
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     return node
+
+
+def _channel_errors(w: np.ndarray, restored: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Output error ``d^T H d`` [G, N] of each output channel of grouped weights [G, K, N]."""
+    d = (w - restored).astype(np.float64)
+    return np.einsum("gkn,gkn->gn", d, hessian @ d)
 
 
 def _to_groups(array: np.ndarray, site: _Site, groups: int) -> np.ndarray:
