@@ -198,6 +198,10 @@ class Sequential:
         gram, cross, reference = (sum(parts) for parts in zip(*(reducer.value for reducer in reducers.values())))
         return gram, cross, reference
 
+    def cached(self, name: str) -> bool:
+        """Whether the rewritten model's values of ``name`` are cached at the walk's cut (read further on)."""
+        return all(name in cache for cache in self.current.frontiers)
+
     def revise(self, name: str, function: Callable[[np.ndarray], np.ndarray]) -> None:
         """Apply ``function`` to the rewritten model's cached values of ``name``, in every feed.
 

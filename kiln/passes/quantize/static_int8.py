@@ -19,9 +19,12 @@ multiplies: rows of a MatMul/Gemm input, im2col patches of a Conv input per grou
 layers, mostly): such a channel keeps the nearest codes (``channels_kept_nearest``), so every channel's error on
 the calibration data is at most round-to-nearest's. ``bias_correction`` then folds the remaining mean error into
 the bias, ``b' = b + E[p] D``, so the layer's mean output on the calibration data is the float one (a Conv without
-a bias gets one). Both matter where a filter's weights nearly cancel on smooth inputs: EfficientNet-Lite0's first
-depthwise filters (edge detectors, weights up to 18, summing to about 0) turn independent rounding errors into an
-offset of the whole feature map; on its photos these two options halve the logit error of W8A8.
+a bias gets one). Both matter where a filter's weights nearly cancel on smooth inputs: EfficientNet-Lite0's
+first depthwise filters (edge detectors, weights up to 18, summing to about 0) turn independent rounding errors
+into an offset of the whole feature map; on its photos these two options halve the logit error of W8A8.
+``output_correction`` goes further, on the quantized model itself, layer by layer in graph order: each output
+channel's mean (and scale) is fitted to the float model's on the calibration data, which also corrects what
+activation quantization shifts (:mod:`kiln.passes.quantize.output_correction`).
 
 Graph change. For an activation tensor ``X`` read by quantized layers::
 
@@ -66,7 +69,7 @@ from kiln.compiler.calibration import ChannelMeanSquare, Reducer
 from kiln.compiler.registry import register
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.quantize import int8, ort_fusion, ranges
+from kiln.passes.quantize import int8, ort_fusion, output_correction, ranges
 from kiln.passes.quantize.patches import ConvGeometry, InputMoments
 
 _OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -97,6 +100,9 @@ class StaticInt8Options:
     * ``bias_correction``: remove each layer's mean output error on the calibration data through its bias (a Conv
       without one gets one).
     * ``damp``: GPTQ's damping, a share of the Hessian's mean diagonal.
+    * ``output_correction``: after the rewrite, match each layer's output channels to the float model's on the
+      calibration data, layer by layer in graph order: "bias" their means, "affine" their means and scales
+      (:mod:`kiln.passes.quantize.output_correction`); "none" leaves them.
     """
 
     method: ranges.Method = "minmax"
@@ -112,6 +118,7 @@ class StaticInt8Options:
     rounding: Literal["nearest", "gptq"] = "nearest"
     bias_correction: bool = False
     damp: float = 0.01
+    output_correction: output_correction.Mode = "none"
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy", "mse"):
@@ -133,6 +140,8 @@ class StaticInt8Options:
             raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.output_correction not in ("none", "bias", "affine"):
+            raise ValueError(f"output_correction must be 'none', 'bias' or 'affine', got {self.output_correction!r}")
 
 
 @dataclasses.dataclass
@@ -212,7 +221,17 @@ class StaticInt8(KilnPass):
                 }
         if not sites:
             return ir.passes.PassResult(model, modified=bool(converted))
+        reference = None
+        if opts.output_correction != "none":
+            reference = model.clone()
+            for site in sites:  # a Conv without a bias gets one to carry its correction
+                if site.node.op_type == "Conv" and site.bias is None:
+                    channels = quantized[(site.weight, site.axis)].scales.size
+                    self._shifts.setdefault(site.label, np.zeros(channels, np.float32))
+        self._bias_nodes: dict[str, ir.Node] = {}
         self._rewrite(model, sites, grids, quantized)
+        if reference is not None:
+            self._correct_outputs(model, reference, sites, grids)
         if opts.check_fusion:
             report = ort_fusion.fusion_report(model, [site.node.name for site in sites])
             self.details["ort_fusion"] = report.to_dict()
@@ -524,6 +543,44 @@ class StaticInt8(KilnPass):
         dequantize.outputs[0].shape = ir.Shape(bias.shape)
         graph.insert_before(site.node, dequantize)
         reader.replace_input_with(index, dequantize.outputs[0])
+        self._bias_nodes[site.label] = dequantize
+
+    def _correct_outputs(
+        self, model: ir.Model, reference: ir.Model, sites: list[_Site], grids: dict[str, int8.ActivationGrid]
+    ) -> None:
+        """Staged output correction of every layer with a bias (:mod:`kiln.passes.quantize.output_correction`)."""
+        readers: dict[ir.Value, int] = {}
+        for site in sites:
+            readers[site.weight] = readers.get(site.weight, 0) + 1
+        layers = []
+        for site in sites:
+            bias: ir.Node | ir.Value | None = self._bias_nodes.get(site.label)
+            # the tensor with the bias added: the layer's output, or that of the Add after a MatMul
+            output = site.node if site.bias_use is None or site.node.op_type != "MatMul" else site.bias_use[0]
+            if bias is None and site.node.op_type == "MatMul":
+                bias, output = _float_bias(site)
+            if bias is None or output is None:
+                self.details["layers"][site.label]["output_correction"] = "none: no constant bias to carry it"
+                continue
+            weight = site.node.inputs[1].producer()  # type: ignore[union-attr]
+            assert weight is not None  # the weight's DequantizeLinear, made by _quantize_layer
+            layers.append(
+                output_correction.Layer(
+                    label=site.label,
+                    tensor=output.outputs[0].name,  # type: ignore[arg-type]
+                    axis=1 if site.node.op_type == "Conv" else -1,
+                    bias=bias,
+                    weight=weight,
+                    shared=readers[site.weight] > 1,
+                    input_scale=grids[site.activation.name].scale,
+                )
+            )
+        assert self.context.calibration is not None
+        found = output_correction.correct(
+            self.context.calibration, model, reference, layers, self.options.output_correction
+        )
+        for label, entry in found.items():
+            self.details["layers"][label]["output_correction"] = entry
 
 
 def _bias_floors(sites: list[_Site], grids: dict[str, int8.ActivationGrid]) -> dict[tuple[ir.Value, int], np.ndarray]:
@@ -572,6 +629,24 @@ def _matmul_bias(node: ir.Node, activation: ir.Value, n: int) -> tuple[ir.Value 
     if bias is None or _check_bias(bias, n) is not None:
         return None, None
     return bias, (add, index)
+
+
+def _float_bias(site: _Site) -> tuple[ir.Value | None, ir.Node | None]:
+    """A MatMul's float bias: an initializer [N] that only the Add reading only the MatMul's output reads (ONNX
+    Runtime adds it in float after a 3-D MatMul), and that Add; (None, None) without one."""
+    uses = list(site.node.outputs[0].uses())
+    if len(uses) != 1 or site.node.outputs[0].is_graph_output():
+        return None, None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None, None
+    bias = add.inputs[1 - uses[0].idx]
+    channels = site.weight.shape[1] if site.weight.shape is not None else None
+    if bias is None or not bias.is_initializer() or bias.is_graph_input() or len(list(bias.uses())) != 1:
+        return None, None
+    if bias.const_value is None or _check_bias(bias, channels) is not None:  # type: ignore[arg-type]
+        return None, None
+    return bias, add
 
 
 def _conv_output(node: ir.Node) -> ir.Value | None:

@@ -14,7 +14,7 @@ from kiln.compiler.calibration import CalibrationData
 from kiln.errors import CalibrationError, RecipeError
 from kiln.passes import create
 from kiln.passes._base import PassContext
-from kiln.passes.quantize import int8, ranges
+from kiln.passes.quantize import int8, output_correction, ranges
 from kiln.passes.quantize.static_int8 import StaticInt8, StaticInt8Options
 
 RNG = np.random.default_rng(0)
@@ -484,6 +484,59 @@ def test_bad_calibration_fails_before_any_change(feeds: list, message: str) -> N
     assert ir.to_proto(model).SerializeToString() == before
 
 
+@pytest.mark.parametrize("mode", ["bias", "affine"])
+def test_output_correction_matches_the_float_means_of_a_cnn(mode: str) -> None:
+    rng = np.random.default_rng(1)
+    feeds = [{"x": (rng.standard_normal((8, 3, 8, 8)) + 0.5).astype(np.float32)} for _ in range(4)]
+    original = ir.to_proto(_cnn(rng))
+    reference = _session(ir.from_proto(original))
+    x = np.concatenate([f["x"] for f in feeds])
+    expected = reference.run(None, {"x": x})[0]
+    drift = {}
+    for correction in ("none", mode):
+        model = ir.from_proto(original)
+        sq = _quantize(model, feeds, method="mse", output_correction=correction)
+        assert sq.details["ort_fusion"]["integer_ops"] == {"QGemm": 1, "QLinearConv": 3}
+        got = _session(model).run(None, {"x": x})[0]
+        drift[correction] = np.abs(got.mean(axis=0) - expected.mean(axis=0)).max()
+        if correction == "none":
+            continue
+        layers = sq.details["layers"]
+        assert set(layers) == {"conv0", "conv1", "dwconv", "fc"}
+        for layer in layers.values():
+            entry = layer["output_correction"]
+            assert entry["bias_shift_norm"] >= 0
+            if mode == "affine":
+                low, high = entry["gain_range"]
+                assert 1 / output_correction.MAX_GAIN <= low <= high <= output_correction.MAX_GAIN
+            else:
+                assert "gain_range" not in entry
+        # the depthwise conv had no bias: it got an int32 one to carry its correction
+        dwconv = next(n for n in model.graph if n.name == "dwconv")
+        assert dwconv.inputs[2].producer().inputs[0].const_value.dtype == ir.DataType.INT32
+    # The last layer is corrected after all the others: its mean output on the calibration data is the float one,
+    # up to its bias codes' rounding and ONNX Runtime's fused kernels.
+    scale = np.abs(expected).mean()
+    assert drift[mode] < 2e-3 * scale < drift["none"]
+
+
+def test_output_correction_moves_a_float_bias_after_a_3d_matmul() -> None:
+    # ORT adds a 3-D MatMul's bias in float: the correction rewrites that initializer, and for one layer the
+    # calibration mean is then exactly the float model's.
+    model = _linear(bias=True)
+    feeds = [{"x": (RNG.standard_normal((2, 4, 24)) + 0.3).astype(np.float32)} for _ in range(4)]
+    reference = _session(model)
+    bias_before = _initializer(model, "B").copy()
+    x = np.concatenate([f["x"] for f in feeds])
+    expected = reference.run(None, {"x": x})[0]
+    sq = _quantize(model, feeds, method="minmax", output_correction="bias")
+    got = _session(model).run(None, {"x": x})[0]
+    assert got.mean(axis=(0, 1)) == pytest.approx(expected.mean(axis=(0, 1)), abs=1e-5)
+    shift = sq.details["layers"]["mm"]["output_correction"]["bias_shift_norm"]
+    assert shift == pytest.approx(float(np.linalg.norm(_initializer(model, "B") - bias_before)), rel=1e-5)
+    assert shift > 0
+
+
 def test_options_and_recipes() -> None:
     with pytest.raises(RecipeError, match="method"):
         create("quantize.static-int8", {"method": "l2"})
@@ -495,6 +548,8 @@ def test_options_and_recipes() -> None:
         create("quantize.static-int8", {"rounding": "adaround"})
     with pytest.raises(RecipeError, match=r"damp must be in \(0, 1\), got 0"):
         create("quantize.static-int8", {"damp": 0})
+    with pytest.raises(ValueError, match="output_correction must be 'none', 'bias' or 'affine', got 'gain'"):
+        StaticInt8Options(output_correction="gain")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rounding must be 'nearest' or 'gptq', got 'adaround'"):
         StaticInt8Options(rounding="adaround")  # type: ignore[arg-type]
     steps = {
