@@ -50,7 +50,9 @@ Kept float: op types not in ``op_types`` (LayerNormalization, Softmax and everyt
 quantized), nodes named in ``exclude``, the first and last quantizable layers with ``exclude_first_last``, and
 layers whose weight is not a float32 constant, whose activation is not float32, Gemms with ``transA``,
 ``alpha != 1`` or ``beta != 1``, biases that are not constant vectors, subgraph nodes (calibration sees only
-the main graph), and, with ``max_layer_error``, MatMul/Gemm layers whose estimated output error exceeds it.
+the main graph), with ``max_layer_error``, MatMul/Gemm layers whose estimated output error exceeds it, and with
+``max_model_error``, layers whose quantization alone moves the model's outputs by more than that (measured by
+:mod:`kiln.passes.quantize.sensitivity`: a convolution computing an STFT of raw audio is the case it is for).
 Reasons are in ``details["skipped"]``. Per layer, ``details`` records the activation range, scale and zero
 point, the weight's relative error and, for MatMul/Gemm, the estimated relative output error from calibration
 statistics (:func:`kiln.passes.quantize.int8.estimated_error`).
@@ -59,6 +61,7 @@ statistics (:func:`kiln.passes.quantize.int8.estimated_error`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Literal
 
@@ -69,7 +72,7 @@ from kiln.compiler.calibration import ChannelMeanSquare, Reducer
 from kiln.compiler.registry import register
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
-from kiln.passes.quantize import int8, ort_fusion, output_correction, ranges
+from kiln.passes.quantize import int8, ort_fusion, output_correction, ranges, sensitivity
 from kiln.passes.quantize.patches import ConvGeometry, InputMoments
 
 _OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -100,6 +103,9 @@ class StaticInt8Options:
     * ``bias_correction``: remove each layer's mean output error on the calibration data through its bias (a Conv
       without one gets one).
     * ``damp``: GPTQ's damping, a share of the Hessian's mean diagonal.
+    * ``max_model_error``: keep float every layer whose quantization alone (its weight, its input and output
+      activations) changes the model's outputs by more than this relative error on ``sensitivity_batches``
+      calibration batches (:mod:`kiln.passes.quantize.sensitivity`); None: no such check.
     * ``output_correction``: after the rewrite, match each layer's output channels to the float model's on the
       calibration data, layer by layer in graph order: "bias" their means, "affine" their means and scales
       (:mod:`kiln.passes.quantize.output_correction`); "none" leaves them.
@@ -119,6 +125,8 @@ class StaticInt8Options:
     bias_correction: bool = False
     damp: float = 0.01
     output_correction: output_correction.Mode = "none"
+    max_model_error: float | None = None
+    sensitivity_batches: int = 2
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy", "mse"):
@@ -140,6 +148,10 @@ class StaticInt8Options:
             raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.max_model_error is not None and not self.max_model_error > 0:
+            raise ValueError(f"max_model_error must be positive, got {self.max_model_error}")
+        if self.sensitivity_batches < 1:
+            raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches}")
         if self.output_correction not in ("none", "bias", "affine"):
             raise ValueError(f"output_correction must be 'none', 'bias' or 'affine', got {self.output_correction!r}")
 
@@ -211,6 +223,8 @@ class StaticInt8(KilnPass):
         grids = {name: int8.activation_grid(*found[name], opts.activation_type) for name in tensors}
         quantized: dict[tuple[ir.Value, int], int8.QuantizedWeight] = {}
         sites = self._select(sites, grids, quantized, mean_squares)
+        if opts.max_model_error is not None and sites:
+            sites = self._keep_sensitive_float(model, sites, grids, quantized)
         for name in tensors:
             if any(name in (s.activation.name, _name(s.output)) for s in sites):
                 grid = grids[name]
@@ -280,6 +294,44 @@ class StaticInt8(KilnPass):
                 self.details["skipped"][site.label] = f"estimated output error {estimate:.4f} > max_layer_error"
             else:
                 self.details["layers"][site.label] = layer
+                kept.append(site)
+        return kept
+
+    def _keep_sensitive_float(
+        self,
+        model: ir.Model,
+        sites: list[_Site],
+        grids: dict[str, int8.ActivationGrid],
+        quantized: dict[tuple[ir.Value, int], int8.QuantizedWeight],
+    ) -> list[_Site]:
+        """Measure each layer's effect on the model's outputs alone; drop those above ``max_model_error``."""
+        limit = self.options.max_model_error
+        assert limit is not None and self.context.calibration is not None
+        feeds = list(itertools.islice(self.context.calibration, self.options.sensitivity_batches))
+        probes = [
+            sensitivity.Probe(
+                site.label,
+                site.node,
+                site.activation,
+                grids[site.activation.name],
+                site.weight,
+                quantized[(site.weight, site.axis)],
+                site.output,
+                None if site.output is None else grids[site.output.name],
+            )
+            for site in sites
+        ]
+        errors = sensitivity.model_errors(model, probes, feeds)
+        kept = []
+        for site in sites:
+            error = errors[site.label]
+            if error > limit:
+                del self.details["layers"][site.label]
+                self.details["skipped"][site.label] = (
+                    f"quantized alone, it changes the model's outputs by {error:.3g} (relative) > max_model_error"
+                )
+            else:
+                self.details["layers"][site.label]["model_error"] = error
                 kept.append(site)
         return kept
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -537,6 +539,71 @@ def test_output_correction_moves_a_float_bias_after_a_3d_matmul() -> None:
     assert shift > 0
 
 
+def _stft_model(n_fft: int = 64, hop: int = 32, bins: int = 16, mels: int = 8, classes: int = 4) -> ir.Model:
+    """Log-mel features of raw audio, then a classifier: a Conv whose filters are a windowed Fourier basis, the
+    power of each channel, a mel filterbank MatMul, Log, and a MatMul."""
+    rng = np.random.default_rng(3)
+    t = np.arange(n_fft)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * t / n_fft)
+    f = np.arange(1, bins + 1)[:, None]
+    basis = np.concatenate([np.cos(2 * np.pi * f * t / n_fft), -np.sin(2 * np.pi * f * t / n_fft)]) * window
+    inits = [
+        testing.initializer("basis", basis[:, None, :].astype(np.float32)),
+        testing.initializer("mel", np.abs(rng.standard_normal((2 * bins, mels))).astype(np.float32)),
+        testing.initializer("cls", rng.standard_normal((mels, classes)).astype(np.float32)),
+        testing.initializer("eps", np.array(1e-6, np.float32)),
+    ]
+    v = {i.name: i for i in inits}
+    x = testing.value("audio", ["n", 1, 2048])
+    conv = ir.node("Conv", [x, v["basis"]], attributes={"strides": [hop]}, name="stft")
+    power = ir.node("Mul", [conv.outputs[0], conv.outputs[0]], name="power")
+    frames = ir.node("Transpose", [power.outputs[0]], attributes={"perm": [0, 2, 1]}, name="frames")
+    melbank = ir.node("MatMul", [frames.outputs[0], v["mel"]], name="melbank")
+    floor = ir.node("Add", [melbank.outputs[0], v["eps"]], name="floor")
+    log = ir.node("Log", [floor.outputs[0]], name="log")
+    classifier = ir.node("MatMul", [log.outputs[0], v["cls"]], name="classifier")
+    nodes = [conv, power, frames, melbank, floor, log, classifier]
+    for i, node in enumerate(nodes[:-1]):
+        node.outputs[0].name = f"s{i}"
+    y = _typed(classifier.outputs[0], "y", ["n", 63, classes])
+    model = testing.model([x], [y], nodes, inits)
+    common.ShapeInferencePass()(model)
+    return model
+
+
+def test_max_model_error_keeps_an_stft_float() -> None:
+    # A loud tone for 300 samples, then near silence: per-tensor 8-bit codes flatten the quiet frames, and the log
+    # of their spectrum turns that into a large error, which no layer's own output error shows.
+    rng = np.random.default_rng(0)
+
+    def audio(n: int) -> np.ndarray:
+        t = np.arange(2048)
+        tone = np.sin(2 * np.pi * t * rng.uniform(3, 12, (n, 1)) / 64) * (t < 300)
+        return (tone + 1e-3 * rng.standard_normal((n, 2048)))[:, None, :].astype(np.float32)
+
+    feeds = [{"audio": audio(4)} for _ in range(4)]
+    test = audio(8)
+    original = ir.to_proto(_stft_model())
+    expected = _session(ir.from_proto(original)).run(None, {"audio": test})[0]
+    errors = {}
+    for limit in (None, 0.2):
+        model = ir.from_proto(original)
+        sq = _quantize(model, feeds, max_model_error=limit, check_fusion=False)
+        got = _session(model).run(None, {"audio": test})[0]
+        errors[limit] = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        if limit is None:
+            assert set(sq.details["layers"]) == {"stft", "melbank", "classifier"}
+            continue
+        skipped = sq.details["skipped"]
+        for label in ("stft", "melbank"):
+            measured = float(re.search(r"outputs by ([0-9.]+)", skipped[label]).group(1))
+            assert measured > 0.5 and "> max_model_error" in skipped[label]
+        assert list(sq.details["layers"]) == ["classifier"]
+        assert 0 < sq.details["layers"]["classifier"]["model_error"] < 0.01
+        assert [n.op_type for n in model.graph].count("QuantizeLinear") == 1  # the classifier's input only
+    assert errors[0.2] < 0.01 < 0.2 < errors[None]
+
+
 def test_options_and_recipes() -> None:
     with pytest.raises(RecipeError, match="method"):
         create("quantize.static-int8", {"method": "l2"})
@@ -548,6 +615,10 @@ def test_options_and_recipes() -> None:
         create("quantize.static-int8", {"rounding": "adaround"})
     with pytest.raises(RecipeError, match=r"damp must be in \(0, 1\), got 0"):
         create("quantize.static-int8", {"damp": 0})
+    with pytest.raises(ValueError, match="max_model_error must be positive, got 0"):
+        StaticInt8Options(max_model_error=0)
+    with pytest.raises(ValueError, match="sensitivity_batches must be >= 1, got 0"):
+        StaticInt8Options(sensitivity_batches=0)
     with pytest.raises(ValueError, match="output_correction must be 'none', 'bias' or 'affine', got 'gain'"):
         StaticInt8Options(output_correction="gain")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rounding must be 'nearest' or 'gptq', got 'adaround'"):
