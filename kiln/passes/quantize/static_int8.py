@@ -68,7 +68,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler.calibration import ChannelMeanSquare, Reducer
+from kiln.compiler.calibration import CalibrationData, ChannelMeanSquare, Reducer
 from kiln.compiler.registry import register
 from kiln.passes import _weights
 from kiln.passes._base import KilnPass
@@ -109,6 +109,8 @@ class StaticInt8Options:
     * ``output_correction``: after the rewrite, match each layer's output channels to the float model's on the
       calibration data, layer by layer in graph order: "bias" their means, "affine" their means and scales
       (:mod:`kiln.passes.quantize.output_correction`); "none" leaves them.
+    * ``correction_batches``: calibration batches the output correction walks (None: all); its memory holds the
+      tensors crossing each cut for every batch, twice (the float model's and the quantized one's).
     """
 
     method: ranges.Method = "minmax"
@@ -127,6 +129,7 @@ class StaticInt8Options:
     output_correction: output_correction.Mode = "none"
     max_model_error: float | None = None
     sensitivity_batches: int = 2
+    correction_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "percentile", "entropy", "mse"):
@@ -150,6 +153,8 @@ class StaticInt8Options:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
         if self.max_model_error is not None and not self.max_model_error > 0:
             raise ValueError(f"max_model_error must be positive, got {self.max_model_error}")
+        if self.correction_batches is not None and self.correction_batches < 1:
+            raise ValueError(f"correction_batches must be >= 1, got {self.correction_batches}")
         if self.sensitivity_batches < 1:
             raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches}")
         if self.output_correction not in ("none", "bias", "affine"):
@@ -627,10 +632,12 @@ class StaticInt8(KilnPass):
                     input_scale=grids[site.activation.name].scale,
                 )
             )
-        assert self.context.calibration is not None
-        found = output_correction.correct(
-            self.context.calibration, model, reference, layers, self.options.output_correction
-        )
+        full = self.context.calibration
+        assert full is not None
+        calibration = full
+        if self.options.correction_batches is not None:
+            calibration = CalibrationData(lambda: iter(full), name=full.name, limit=self.options.correction_batches)
+        found = output_correction.correct(calibration, model, reference, layers, self.options.output_correction)
         for label, entry in found.items():
             self.details["layers"][label]["output_correction"] = entry
 

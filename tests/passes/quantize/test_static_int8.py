@@ -531,9 +531,11 @@ def test_output_correction_moves_a_float_bias_after_a_3d_matmul() -> None:
     bias_before = _initializer(model, "B").copy()
     x = np.concatenate([f["x"] for f in feeds])
     expected = reference.run(None, {"x": x})[0]
-    sq = _quantize(model, feeds, method="minmax", output_correction="bias")
+    sq = _quantize(model, feeds, method="minmax", output_correction="bias", correction_batches=2)
     got = _session(model).run(None, {"x": x})[0]
-    assert got.mean(axis=(0, 1)) == pytest.approx(expected.mean(axis=(0, 1)), abs=1e-5)
+    # fitted on the first two batches only (correction_batches): their mean is the float one, not the others'
+    assert got[:4].mean(axis=(0, 1)) == pytest.approx(expected[:4].mean(axis=(0, 1)), abs=1e-5)
+    assert np.abs(got[4:].mean(axis=(0, 1)) - expected[4:].mean(axis=(0, 1))).max() > 1e-4
     shift = sq.details["layers"]["mm"]["output_correction"]["bias_shift_norm"]
     assert shift == pytest.approx(float(np.linalg.norm(_initializer(model, "B") - bias_before)), rel=1e-5)
     assert shift > 0
@@ -617,6 +619,8 @@ def test_options_and_recipes() -> None:
         create("quantize.static-int8", {"damp": 0})
     with pytest.raises(ValueError, match="max_model_error must be positive, got 0"):
         StaticInt8Options(max_model_error=0)
+    with pytest.raises(ValueError, match="correction_batches must be >= 1, got 0"):
+        StaticInt8Options(correction_batches=0)
     with pytest.raises(ValueError, match="sensitivity_batches must be >= 1, got 0"):
         StaticInt8Options(sensitivity_batches=0)
     with pytest.raises(ValueError, match="output_correction must be 'none', 'bias' or 'affine', got 'gain'"):
