@@ -60,6 +60,7 @@ statistics (:func:`kiln.passes.quantize.int8.estimated_error`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -606,9 +607,7 @@ class StaticInt8(KilnPass):
         self, model: ir.Model, reference: ir.Model, sites: list[_Site], grids: dict[str, int8.ActivationGrid]
     ) -> None:
         """Staged output correction of every layer with a bias (:mod:`kiln.passes.quantize.output_correction`)."""
-        readers: dict[ir.Value, int] = {}
-        for site in sites:
-            readers[site.weight] = readers.get(site.weight, 0) + 1
+        readers = collections.Counter(site.weight for site in sites)
         layers = []
         for site in sites:
             bias: ir.Node | ir.Value | None = self._bias_nodes.get(site.label)
@@ -674,36 +673,37 @@ def _check_bias(bias: ir.Value | None, channels: int) -> str | None:
     return None
 
 
-def _matmul_bias(node: ir.Node, activation: ir.Value, n: int) -> tuple[ir.Value | None, tuple[ir.Node, int] | None]:
-    """The constant [N] vector added to a 2-D MatMul's output by its only reader, and where it is read."""
+def _bias_add(node: ir.Node, n: int) -> tuple[ir.Value, tuple[ir.Node, int]] | None:
+    """The constant float32 vector [N] added to ``node``'s output by its only reader, an Add, and where it is
+    read."""
     output = node.outputs[0]
     uses = list(output.uses())
-    if activation.shape is None or len(activation.shape) != 2 or len(uses) != 1 or output.is_graph_output():
-        return None, None
+    if len(uses) != 1 or output.is_graph_output():
+        return None
     add = uses[0].node
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None, None
+        return None
     index = 1 - uses[0].idx
     bias = add.inputs[index]
     if bias is None or _check_bias(bias, n) is not None:
-        return None, None
+        return None
     return bias, (add, index)
 
 
+def _matmul_bias(node: ir.Node, activation: ir.Value, n: int) -> tuple[ir.Value | None, tuple[ir.Node, int] | None]:
+    """The bias of a 2-D MatMul (:func:`_bias_add`), which ONNX Runtime's QGemm takes as int32 codes."""
+    found = _bias_add(node, n) if activation.shape is not None and len(activation.shape) == 2 else None
+    return (None, None) if found is None else found
+
+
 def _float_bias(site: _Site) -> tuple[ir.Value | None, ir.Node | None]:
-    """A MatMul's float bias: an initializer [N] that only the Add reading only the MatMul's output reads (ONNX
-    Runtime adds it in float after a 3-D MatMul), and that Add; (None, None) without one."""
-    uses = list(site.node.outputs[0].uses())
-    if len(uses) != 1 or site.node.outputs[0].is_graph_output():
+    """A MatMul's float bias (:func:`_bias_add`; ONNX Runtime adds it in float after a 3-D MatMul) when it is an
+    initializer only that Add reads, and that Add; (None, None) without one."""
+    found = _bias_add(site.node, site.weight.shape[1]) if site.weight.shape is not None else None
+    if found is None:
         return None, None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None, None
-    bias = add.inputs[1 - uses[0].idx]
-    channels = site.weight.shape[1] if site.weight.shape is not None else None
-    if bias is None or not bias.is_initializer() or bias.is_graph_input() or len(list(bias.uses())) != 1:
-        return None, None
-    if bias.const_value is None or _check_bias(bias, channels) is not None:  # type: ignore[arg-type]
+    bias, (add, _) = found
+    if not bias.is_initializer() or len(list(bias.uses())) != 1:
         return None, None
     return bias, add
 
