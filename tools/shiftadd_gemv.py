@@ -7,7 +7,9 @@ the LUT kernel). The shift-add kernel is called directly (ctypes, float32 A): it
 of R * N columns, which the kernel streams column by column, exactly R GEMVs sharing the input as in the ORT models.
 Usage::
 
-    PYTHONPATH=. python tools/shiftadd_gemv.py [--shapes 4096x4096,576x576] [--threads 2]
+    PYTHONPATH=. python tools/shiftadd_gemv.py [--shapes 4096x4096,576x576] [--threads 2] [--mantissa-bits 0,3]
+
+``--mantissa-bits`` times the kernel once per scale format (the op's ``mantissa_bits``) in the same run.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from kiln.bench.interleaved import time_interleaved
 from kiln.runtime_ops import shiftadd, shiftadd_kernel
 
 
-def _packed(k: int, n: int, bits: int, group: int, seed: int) -> shiftadd.PackedWeight:
+def _packed(k: int, n: int, bits: int, group: int, seed: int, mantissa_bits: int) -> shiftadd.PackedWeight:
     rng = np.random.default_rng(seed)
     planes = rng.integers(0, 256, (n, bits, -(-k // 8)), dtype=np.uint8)
     if k % 8:
         planes[..., -1] &= np.uint8((1 << (k % 8)) - 1)
-    exponents = rng.integers(-10, -4, (n, bits, shiftadd.n_groups(k, group)), dtype=np.int8)
-    return shiftadd.PackedWeight(planes, exponents, k, n, bits, group)
+    codes = rng.integers(-10 << mantissa_bits, -4 << mantissa_bits, (n, bits, shiftadd.n_groups(k, group)))
+    return shiftadd.PackedWeight(planes, codes.astype(np.int8), k, n, bits, group, mantissa_bits)
 
 
 def main() -> None:
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--mantissa-bits", default="0", help="comma-separated scale formats to time")
     args = parser.parse_args()
     bandwidth = bw.measure_bandwidth(threads=args.threads)
     print(json.dumps({"bandwidth": bandwidth.to_dict(), "llc_bytes": bw.llc_bytes()}), flush=True)
@@ -57,13 +60,15 @@ def main() -> None:
             runs[fmt.name] = lambda s=session, f=feed: s.run(None, f)
             sizes[fmt.name] = (per_matrix, copies, fmt.note(k, n))
         for bits in (3, 2):
-            single = _packed(k, n, bits, args.group_size, 0)
-            copies = kernels.copies_for(single.nbytes, footprint)
-            stacked = _packed(k, n * copies, bits, args.group_size, bits)
-            for activations in ("float", "int8"):
-                name = f"kiln shift-add {bits}-bit LUT (g{args.group_size}, {activations} activations)"
-                runs[name] = lambda p=stacked, a=x, m=activations: shiftadd_kernel.matmul(a, p, args.threads, m)
-                sizes[name] = (single.nbytes, copies, "")
+            for t in (int(m) for m in args.mantissa_bits.split(",")):
+                single = _packed(k, n, bits, args.group_size, 0, t)
+                copies = kernels.copies_for(single.nbytes, footprint)
+                stacked = _packed(k, n * copies, bits, args.group_size, bits, t)
+                scales = f", {t}-bit mantissas" if t else ""
+                for activations in ("float", "int8"):
+                    name = f"kiln shift-add {bits}-bit LUT (g{args.group_size}{scales}, {activations} activations)"
+                    runs[name] = lambda p=stacked, a=x, m=activations: shiftadd_kernel.matmul(a, p, args.threads, m)
+                    sizes[name] = (single.nbytes, copies, "")
         latency = time_interleaved(runs, warmup=2, repeats=args.repeats)
         fp32_us = latency["ORT fp32 MatMul"].median_ms * 1e3 / sizes["ORT fp32 MatMul"][1]
         for name, (per_matrix, copies, note) in sizes.items():

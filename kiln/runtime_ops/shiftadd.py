@@ -2,21 +2,28 @@
 
 Semantics (domain ``ai.kiln``, version 1)::
 
-    Y = ShiftAddMatMul(A, planes, exponents)      attributes K, N, bits, group_size
+    Y = ShiftAddMatMul(A, planes, exponents)      attributes K, N, bits, group_size, mantissa_bits
 
     A          float or float16  [..., K]
     planes     uint8             [N, bits, ceil(K / 8)]    bit-planes, 8 sign bits per byte along K, LSB first
-    exponents  int8              [N, bits, ceil(K / group_size)]   in [EXPONENT_MIN, EXPONENT_MAX]
+    exponents  int8              [N, bits, ceil(K / group_size)]   scale codes
     Y          the type of A     [..., N]
 
-    W[k, n] = sum_{i < bits} 2^exponents[n, i, k // group_size] * s(n, i, k)
+    W[k, n] = sum_{i < bits} scale(exponents[n, i, k // group_size]) * s(n, i, k)
     s(n, i, k) = +1 if bit (k % 8) of planes[n, i, k // 8] is set, else -1
+    scale(c) = 2^e * (1 + f / 2^t)   with t = mantissa_bits, e = floor(c / 2^t), f = c - e 2^t
     Y = A @ W
 
-Each bit-plane ``i`` is a {-1, +1} matrix scaled per (column, group of ``group_size`` rows of K) by a power of two,
-so a kernel multiplies nothing: it adds or subtracts activations (or looks their signed sums up in a table, for
-groups of 8 activations sharing one byte of a plane) and shifts the sum by the exponent. Padding bits past K in the
-last byte of each plane must be 0; the exponents' range keeps every scale a normal float32.
+Each bit-plane ``i`` is a {-1, +1} matrix scaled per (column, group of ``group_size`` rows of K), so a kernel
+multiplies nothing: it adds or subtracts activations (or looks their signed sums up in a table, for groups of 8
+activations sharing one byte of a plane) and shifts the sum by ``e``. With ``mantissa_bits = 0`` (ShiftAddLLM's
+power-of-two scales) a scale is ``2^c`` and the shift is all; with ``t > 0`` the code is a fixed-point log2 with
+``t`` fraction bits read Mitchell-style (a floating-point number with a ``t``-bit mantissa), and the multiply by
+``1 + f / 2^t`` is at most ``t`` more shifts and adds, as ShiftAddLLM's own code scales by sums of three powers of
+two ("APoT"). Power-of-two steps cost 3-bit weights most of what binary coding gains (:mod:`kiln.passes.shiftadd.fit`).
+Padding bits past K in the last byte of each plane must be 0; with ``t = 0`` the exponents' range keeps every scale
+a normal float32 (with ``t >= 1`` every int8 code does). Nodes written before ``mantissa_bits`` existed carry their
+own 4-attribute function; kiln's kernels read a missing ``mantissa_bits`` as 0.
 
 Three forms of the same op live here:
 
@@ -47,6 +54,8 @@ VERSION = 1
 #: The function body needs BitwiseAnd (opset 18) and ReduceSum with an axes input (13).
 MIN_OPSET = 18
 MAX_BITS = 4
+#: Fraction bits of a scale code: 1 + f / 2^t multiplies with at most t shifts and adds.
+MAX_MANTISSA_BITS = 4
 #: Scales 2^e stay normal float32 numbers.
 EXPONENT_MIN = -126
 EXPONENT_MAX = 127
@@ -66,6 +75,7 @@ class PackedWeight:
     n: int
     bits: int
     group_size: int
+    mantissa_bits: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -73,20 +83,36 @@ class PackedWeight:
 
     @property
     def attributes(self) -> dict[str, int]:
-        return {"K": self.k, "N": self.n, "bits": self.bits, "group_size": self.group_size}
+        return {
+            "K": self.k,
+            "N": self.n,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "mantissa_bits": self.mantissa_bits,
+        }
+
+
+def scales(exponents: np.ndarray, mantissa_bits: int) -> np.ndarray:
+    """The scales (float64, exact) of int8 scale codes ``exponents`` with ``mantissa_bits`` fraction bits."""
+    codes = exponents.astype(np.int64)
+    e = codes >> mantissa_bits  # floor division by 2^t
+    fraction = codes - (e << mantissa_bits)
+    return np.ldexp(1.0 + fraction / float(1 << mantissa_bits), e)
 
 
 def n_groups(k: int, group_size: int) -> int:
     return -(-k // group_size)
 
 
-def pack(signs: np.ndarray, exponents: np.ndarray, group_size: int) -> PackedWeight:
-    """Pack plane signs ``signs`` [N, bits, K] (True = +1) and ``exponents`` [N, bits, groups] into the op's layout."""
+def pack(signs: np.ndarray, exponents: np.ndarray, group_size: int, mantissa_bits: int = 0) -> PackedWeight:
+    """Pack plane signs ``signs`` [N, bits, K] (True = +1) and scale codes ``exponents`` [N, bits, groups] into the
+    op's layout."""
     if signs.ndim != 3:
         raise PackedInputError(f"signs must be [N, bits, K], got shape {list(signs.shape)}")
     n, bits, k = signs.shape
     planes = np.packbits(signs.astype(bool), axis=-1, bitorder="little")
-    packed = PackedWeight(planes, np.ascontiguousarray(exponents, dtype=np.int8), k, n, bits, group_size)
+    codes = np.ascontiguousarray(exponents, dtype=np.int8)
+    packed = PackedWeight(planes, codes, k, n, bits, group_size, mantissa_bits)
     check_packed(packed)
     return packed
 
@@ -100,6 +126,8 @@ def check_packed(packed: PackedWeight, where: str = "ShiftAddMatMul") -> None:
         raise PackedInputError(f"{where}: K={k} and N={n} must be positive")
     if group < 1:
         raise PackedInputError(f"{where}: group_size={group} must be positive")
+    if not 0 <= packed.mantissa_bits <= MAX_MANTISSA_BITS:
+        raise PackedInputError(f"{where}: mantissa_bits={packed.mantissa_bits}, must be 0..{MAX_MANTISSA_BITS}")
     planes, exponents = packed.planes, packed.exponents
     if planes.dtype != np.uint8:
         raise PackedInputError(f"{where}: planes must be uint8, got {planes.dtype}")
@@ -117,7 +145,7 @@ def check_packed(packed: PackedWeight, where: str = "ShiftAddMatMul") -> None:
             f"{list(want_exponents)}"
         )
     low, high = int(exponents.min()), int(exponents.max())
-    if low < EXPONENT_MIN or high > EXPONENT_MAX:
+    if packed.mantissa_bits == 0 and (low < EXPONENT_MIN or high > EXPONENT_MAX):
         raise PackedInputError(
             f"{where}: exponents span [{low}, {high}], outside [{EXPONENT_MIN}, {EXPONENT_MAX}] (2^e must be a normal "
             "float32)"
@@ -133,10 +161,11 @@ def signs(packed: PackedWeight) -> np.ndarray:
 
 
 def dequantize(packed: PackedWeight) -> np.ndarray:
-    """The weight ``W`` [K, N] the op computes with, in float64 (exact: a sum of at most 4 signed powers of two)."""
+    """The weight ``W`` [K, N] the op computes with, in float64 (exact: a sum of at most 4 signed scales of at most
+    5 significant bits)."""
     check_packed(packed)
-    scales = np.ldexp(1.0, packed.exponents.astype(np.int64))  # [N, bits, groups]
-    per_row = np.repeat(scales, packed.group_size, axis=-1)[..., : packed.k]
+    per_group = scales(packed.exponents, packed.mantissa_bits)  # [N, bits, groups]
+    per_row = np.repeat(per_group, packed.group_size, axis=-1)[..., : packed.k]
     return np.einsum("nik,nik->kn", signs(packed), per_row)
 
 
@@ -195,6 +224,9 @@ def function(opset: int) -> ir.Function:
     group_node = ir.Node("", "Constant", [], [ir.RefAttr("value_int", "group_size", ir.AttributeType.INT)])
     group_node.outputs[0].name = "group_size"
     nodes.append(group_node)
+    mantissa_node = ir.Node("", "Constant", [], [ir.RefAttr("value_int", "mantissa_bits", ir.AttributeType.INT)])
+    mantissa_node.outputs[0].name = "mantissa_bits"
+    nodes.append(mantissa_node)
 
     # Sign bits: [N, bits, C] bytes -> [N, bits, C, 8] bits -> [N, bits, K] values +-1.
     unsqueezed = op("Unsqueeze", [planes, c["last_axis"]], "planes_4d")
@@ -206,8 +238,12 @@ def function(opset: int) -> ir.Function:
     cut = op("Slice", [flat, c["zero"], k, c["k_axis"]], "k_bits")
     doubled = op("Mul", [op("Cast", [cut], "bits_f", to=ir.DataType.FLOAT), c["two"]], "bits_2")
     sign = op("Sub", [doubled, c["one"]], "sign")
-    # Scales per row of K: 2^e [N, bits, groups] gathered at k // group_size.
-    scales = op("Pow", [c["two"], op("Cast", [exponents], "exponents_f", to=ir.DataType.FLOAT)], "scales")
+    # Scales per row of K: 2^e (1 + f / 2^t) [N, bits, groups] gathered at k // group_size.
+    unit = op("Pow", [c["two"], op("Cast", [mantissa_node.outputs[0]], "t_f", to=ir.DataType.FLOAT)], "unit")
+    code = op("Div", [op("Cast", [exponents], "exponents_f", to=ir.DataType.FLOAT), unit], "code")
+    exponent = op("Floor", [code], "exponent")
+    mantissa = op("Add", [c["one"], op("Sub", [code, exponent], "fraction")], "mantissa")
+    scales = op("Mul", [op("Pow", [c["two"], exponent], "power"), mantissa], "scales")
     k_scalar = op("Squeeze", [k, c["zero"]], "k_scalar")
     rows = op("Range", [c["zero_scalar"], k_scalar, c["one_scalar"]], "rows")
     groups = op("Div", [rows, group_node.outputs[0]], "row_groups")
@@ -216,7 +252,8 @@ def function(opset: int) -> ir.Function:
     weight = op("CastLike", [op("Transpose", [weight_t], "weight_f", perm=[1, 0]), a], "weight")
     y = op("MatMul", [a, weight], "Y")
     graph = ir.Graph([a, planes, exponents], [y], nodes=nodes, opset_imports={"": opset}, name=OP_TYPE)
-    attributes = [ir.Attr(name, ir.AttributeType.INT, None) for name in ("K", "N", "bits", "group_size")]
+    names = ("K", "N", "bits", "group_size", "mantissa_bits")
+    attributes = [ir.Attr(name, ir.AttributeType.INT, None) for name in names]
     return ir.Function(DOMAIN, OP_TYPE, graph=graph, attributes=attributes)
 
 

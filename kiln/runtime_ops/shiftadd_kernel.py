@@ -3,8 +3,9 @@
 Method (LUT-GEMM / T-MAC style). For each row of A and each byte ``c`` of a plane (8 activations
 ``x = A[8c : 8c + 8]``, zero past K), a table holds the 256 signed sums ``T_c[m] = sum_j (+x_j if bit j of m else
 -x_j)``, built with 256 adds (``T_c[m + 2^j] = T_c[m] + 2 x_j``). An output is then, per plane and group of
-``group_size`` rows, a sum of table look-ups ``T_c[planes[n, i, c]]`` scaled by ``2^e`` (a product with an exact
-power of two read from a 256-entry table: an exponent add), accumulated in float64. Group sums are float32: with
+``group_size`` rows, a sum of table look-ups ``T_c[planes[n, i, c]]`` scaled by the plane's scale (a product with
+the integer mantissa ``2^t + f``, then with an exact power of two read from a table: an exponent add), accumulated
+in float64. Group sums are float32: with
 integer-valued activations whose sums stay below 2^24 every step is exact, so the kernel equals the numpy reference
 bit for bit; otherwise it agrees within float32 rounding. Needs ``group_size`` a multiple of 8 (a byte of a plane
 must not straddle two groups). These look-ups are scalar, into 1 KiB tables.
@@ -15,7 +16,8 @@ putting the group's largest magnitude in [128, 256)); each 4 activations get a 1
 (at most 1020 in magnitude: int16, held as a table of low bytes and one of high bytes). A byte shuffle looks up 32
 columns' 4-bit plane indices at once, so the weight is kept column-blocked (32 columns' bytes of one plane byte
 contiguous), a copy made once per weight. Group sums accumulate in int16 (32 look-ups fit), then int32, and are
-scaled by ``2^(e_w - e_x)`` in float64 (exact). On integer activations up to 255 per group it is bit-exact too.
+scaled by ``(2^t + f) 2^(e_w - t - e_x)`` in float64 (exact; ``c = 2^t e_w + f`` the weight's scale code). On
+integer activations up to 255 per group it is bit-exact too.
 
 The shared library is built with ``cc -O3 -march=native -fopenmp`` into ``<kiln cache>/kernels`` (keyed by a hash
 of the source and flags) and called through ctypes; columns are split across ``threads`` OpenMP threads.
@@ -70,12 +72,13 @@ static void build_tables(const float* a, int64_t k, int64_t bytes, float* t) {
 }
 
 void shiftadd_matmul(const float* a, int64_t rows, int64_t k, const uint8_t* planes, const int8_t* exponents,
-                     int64_t n, int64_t bits, int64_t group, float* y, float* tables, int threads) {
+                     int64_t n, int64_t bits, int64_t group, int t, float* y, float* tables, int threads) {
     int64_t bytes = (k + 7) / 8, groups = (k + group - 1) / group, per = group / 8;
-    /* 2^e for every int8 e: scaling by an exact power of two is an exponent add (a libm ldexp call per group and
-       plane would cost more than the group's look-ups) */
-    double pow2[256];
-    for (int e = -128; e < 128; ++e) pow2[e + 128] = ldexp(1.0, e);
+    /* 2^e for every exponent an int8 code with t <= 4 fraction bits gives, less t: scaling by an exact power of two
+       is an exponent add (a libm ldexp call per group and plane would cost more than the group's look-ups) */
+    double pow2[272];
+    for (int e = -136; e < 136; ++e) pow2[e + 136] = ldexp(1.0, e);
+    int mask = (1 << t) - 1, lead = 1 << t;
     for (int64_t r = 0; r < rows; ++r) {
         build_tables(a + r * k, k, bytes, tables);
         #pragma omp parallel for schedule(static) num_threads(threads) if(n * bits * bytes >= PARALLEL_MIN_BYTES)
@@ -102,7 +105,11 @@ void shiftadd_matmul(const float* a, int64_t rows, int64_t k, const uint8_t* pla
                 }
                 if (c < c1)
                     for (int64_t i = 0; i < bits; ++i) s[i][0] += tables[c * 256 + p[i][c]];
-                for (int64_t i = 0; i < bits; ++i) acc += (double)(s[i][0] + s[i][1]) * pow2[e[i][g] + 128];
+                for (int64_t i = 0; i < bits; ++i) {
+                    /* scale code c = 2^t e + f: the sum times (2^t + f) (t shifts and adds), then shifted by e - t */
+                    int c = e[i][g];
+                    acc += (double)(s[i][0] + s[i][1]) * (double)(lead + (c & mask)) * pow2[(c >> t) - t + 136];
+                }
             }
             y[r * n + col] = (float)acc;
         }
@@ -168,8 +175,11 @@ static void quantize_tables(const float* a, int64_t k, int64_t group, int64_t gr
    plane). BITS is a compile-time constant in each instance, so the per-plane arrays live in registers. */
 #define A8_BLOCK(BITS)                                                                                            \
 static void a8_block_##BITS(const uint8_t* wt, const int8_t* ex, int64_t b, int64_t bytes, int64_t groups,       \
-                            int64_t per, const uint8_t* tl, const uint8_t* th, const int* aex, double* out) {    \
+                            int64_t per, int t, const uint8_t* tl, const uint8_t* th, const int* aex,            \
+                            double* out) {                                                                        \
     const __m256i nibble = _mm256_set1_epi8(0x0f);                                                                \
+    const __m256i mask = _mm256_set1_epi32((1 << t) - 1), lead = _mm256_set1_epi32(1 << t);                       \
+    const __m128i count = _mm_cvtsi32_si128(t);                                                                   \
     __m256d acc[8];                                                                                               \
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_pd();                                                     \
     const uint8_t* w = wt + b * BITS * bytes * 32;                                                                \
@@ -206,16 +216,23 @@ static void a8_block_##BITS(const uint8_t* wt, const int8_t* ex, int64_t b, int6
                 s32[i][3] = _mm256_add_epi32(s32[i][3], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi16[i], 1))); \
             }                                                                                                     \
         }                                                                                                         \
-        /* scale 2^(e_w - e_x), exact in double; columns 8q..8q+7 of the block are in s32[i][q] */              \
-        __m256i shift = _mm256_set1_epi64x(1023 - aex[g]);                                                        \
+        /* code c = 2^t e_w + f: scale (2^t + f) 2^(e_w - t - e_x), exact in double; columns 8q..8q+7 of the    \
+           block are in s32[i][q] */                                                                              \
+        __m256i shift = _mm256_set1_epi64x(1023 - aex[g] - t);                                                    \
         for (int i = 0; i < BITS; ++i)                                                                            \
             for (int q = 0; q < 4; ++q) {                                                                         \
                 __m128i e8 = _mm_loadl_epi64((const __m128i*)(e + (i * groups + g) * 32 + 8 * q));                \
-                __m256i elo = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi8_epi64(e8), shift), 52);           \
+                __m256i c32 = _mm256_cvtepi8_epi32(e8);                                                           \
+                __m256i e32 = _mm256_sra_epi32(c32, count);                                                       \
+                __m256i m32 = _mm256_add_epi32(_mm256_and_si256(c32, mask), lead);                                \
+                __m256i elo = _mm256_slli_epi64(                                                                  \
+                    _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(e32)), shift), 52);             \
                 __m256i ehi = _mm256_slli_epi64(                                                                  \
-                    _mm256_add_epi64(_mm256_cvtepi8_epi64(_mm_srli_si128(e8, 4)), shift), 52);                    \
-                __m256d dlo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(s32[i][q]));                              \
-                __m256d dhi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(s32[i][q], 1));                         \
+                    _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_extracti128_si256(e32, 1)), shift), 52);        \
+                __m256d dlo = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(s32[i][q])),                \
+                                            _mm256_cvtepi32_pd(_mm256_castsi256_si128(m32)));                     \
+                __m256d dhi = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(s32[i][q], 1)),           \
+                                            _mm256_cvtepi32_pd(_mm256_extracti128_si256(m32, 1)));                \
                 acc[2 * q] = _mm256_fmadd_pd(dlo, _mm256_castsi256_pd(elo), acc[2 * q]);                          \
                 acc[2 * q + 1] = _mm256_fmadd_pd(dhi, _mm256_castsi256_pd(ehi), acc[2 * q + 1]);                  \
             }                                                                                                     \
@@ -228,7 +245,7 @@ A8_BLOCK(3)
 A8_BLOCK(4)
 
 void shiftadd_matmul_a8(const float* a, int64_t rows, int64_t k, const uint8_t* wt, const int8_t* ex, int64_t n,
-                        int64_t bits, int64_t group, float* y, uint8_t* tables, int* aex, int threads) {
+                        int64_t bits, int64_t group, int t, float* y, uint8_t* tables, int* aex, int threads) {
     int64_t bytes = (k + 7) / 8, groups = (k + group - 1) / group, per = group / 8, blocks = (n + 31) / 32;
     int64_t plane_bytes = blocks * 32 * bits * bytes;
     uint8_t* tl = tables;
@@ -239,10 +256,10 @@ void shiftadd_matmul_a8(const float* a, int64_t rows, int64_t k, const uint8_t* 
         for (int64_t b = 0; b < blocks; ++b) {
             double out[32];
             switch (bits) {
-                case 1: a8_block_1(wt, ex, b, bytes, groups, per, tl, th, aex, out); break;
-                case 2: a8_block_2(wt, ex, b, bytes, groups, per, tl, th, aex, out); break;
-                case 3: a8_block_3(wt, ex, b, bytes, groups, per, tl, th, aex, out); break;
-                default: a8_block_4(wt, ex, b, bytes, groups, per, tl, th, aex, out); break;
+                case 1: a8_block_1(wt, ex, b, bytes, groups, per, t, tl, th, aex, out); break;
+                case 2: a8_block_2(wt, ex, b, bytes, groups, per, t, tl, th, aex, out); break;
+                case 3: a8_block_3(wt, ex, b, bytes, groups, per, t, tl, th, aex, out); break;
+                default: a8_block_4(wt, ex, b, bytes, groups, per, t, tl, th, aex, out); break;
             }
             for (int64_t j = 0; j < 32 && b * 32 + j < n; ++j) y[r * n + b * 32 + j] = (float)out[j];
         }
@@ -278,7 +295,7 @@ def _library() -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer = ctypes.c_void_p
     library.shiftadd_matmul.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer]
-    library.shiftadd_matmul.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, pointer, pointer, ctypes.c_int]
+    library.shiftadd_matmul.argtypes += [*[ctypes.c_int64] * 3, ctypes.c_int, pointer, pointer, ctypes.c_int]
     library.shiftadd_matmul.restype = None
     library.shiftadd_block.argtypes = [pointer, pointer, *[ctypes.c_int64] * 4, pointer, pointer]
     library.shiftadd_block.restype = None
@@ -286,7 +303,8 @@ def _library() -> ctypes.CDLL:
     library.shiftadd_has_a8.restype = ctypes.c_int
     if library.shiftadd_has_a8():
         library.shiftadd_matmul_a8.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer]
-        library.shiftadd_matmul_a8.argtypes += [*[ctypes.c_int64] * 3, pointer, pointer, pointer, ctypes.c_int]
+        library.shiftadd_matmul_a8.argtypes += [*[ctypes.c_int64] * 3, ctypes.c_int, pointer, pointer, pointer]
+        library.shiftadd_matmul_a8.argtypes += [ctypes.c_int]
         library.shiftadd_matmul_a8.restype = None
     return library
 
@@ -365,6 +383,7 @@ def matmul(
             packed.n,
             packed.bits,
             packed.group_size,
+            packed.mantissa_bits,
             y.ctypes.data,
             tables.ctypes.data,
             scales.ctypes.data,
@@ -381,6 +400,7 @@ def matmul(
         packed.n,
         packed.bits,
         packed.group_size,
+        packed.mantissa_bits,
         y.ctypes.data,
         tables.ctypes.data,
         threads,

@@ -17,10 +17,10 @@ from kiln.runtime_ops import shiftadd
 RNG = np.random.default_rng(0)
 
 
-def _random(k: int, n: int, bits: int, group: int) -> shiftadd.PackedWeight:
+def _random(k: int, n: int, bits: int, group: int, mantissa_bits: int = 0) -> shiftadd.PackedWeight:
     signs = RNG.random((n, bits, k)) < 0.5
-    exponents = RNG.integers(-8, 4, (n, bits, shiftadd.n_groups(k, group)))
-    return shiftadd.pack(signs, exponents, group)
+    exponents = RNG.integers(-8 << mantissa_bits, 4 << mantissa_bits, (n, bits, shiftadd.n_groups(k, group)))
+    return shiftadd.pack(signs, exponents, group, mantissa_bits)
 
 
 def _model(packed: shiftadd.PackedWeight, batch: list[int | str], opset: int = 21, *, set_shape: bool = True) -> bytes:
@@ -45,12 +45,22 @@ def _session(packed: shiftadd.PackedWeight, batch: list[int | str]) -> ort.Infer
 
 
 @pytest.mark.parametrize(
-    ("k", "n", "bits", "group"),
-    [(64, 16, 3, 32), (37, 5, 3, 16), (100, 7, 4, 32), (130, 9, 1, 128), (24, 3, 2, 7), (16, 1, 2, 64)],
+    ("k", "n", "bits", "group", "mantissa_bits"),
+    [
+        (64, 16, 3, 32, 0),
+        (37, 5, 3, 16, 0),
+        (100, 7, 4, 32, 0),
+        (130, 9, 1, 128, 0),
+        (24, 3, 2, 7, 0),
+        (16, 1, 2, 64, 0),
+        (64, 16, 3, 32, 3),
+        (37, 5, 2, 16, 1),
+        (100, 7, 4, 32, 4),
+    ],
 )
-def test_function_form_matches_reference(k: int, n: int, bits: int, group: int) -> None:
-    """Random shapes, ragged K (not a multiple of 8 nor of the group) included."""
-    packed = _random(k, n, bits, group)
+def test_function_form_matches_reference(k: int, n: int, bits: int, group: int, mantissa_bits: int) -> None:
+    """Random shapes, ragged K (not a multiple of 8 nor of the group) and scales with mantissas included."""
+    packed = _random(k, n, bits, group, mantissa_bits)
     session = _session(packed, ["batch", "seq"])
     a = RNG.standard_normal((2, 3, k)).astype(np.float32)
     y = session.run(None, {"x": a})[0]
@@ -72,6 +82,18 @@ def test_reference_definition_by_hand() -> None:
     assert w.tolist() == [2 - 1, -2 - 1, 0.5 + 4]
     a = np.array([[1.0, 10.0, 100.0]], dtype=np.float32)
     assert shiftadd.reference(a, packed).tolist() == [[1 - 30 + 450]]
+
+
+def test_scale_codes_are_floats_with_mantissa_bits() -> None:
+    """c = 2^t e + f stands for 2^e (1 + f / 2^t); t = 0 is a power of two."""
+    codes = np.array([0, 1, 5, 7, 8, -1, -8, -128, 127], dtype=np.int8)
+    assert shiftadd.scales(codes, 0).tolist() == [2.0**c for c in codes.tolist()]
+    # t = 3: e = floor(c / 8), f = c mod 8
+    assert shiftadd.scales(codes, 3).tolist() == [1.0, 1.125, 1.625, 1.875, 2.0, 0.9375, 0.5, 2.0**-16, 1.875 * 2**15]
+    signs = np.array([[[1, 0]]], dtype=bool)  # N=1, bits=1, K=2
+    packed = shiftadd.pack(signs, np.array([[[-3]]]), group_size=2, mantissa_bits=2)  # e = -1, f = 1: 0.625
+    assert shiftadd.dequantize(packed)[:, 0].tolist() == [0.625, -0.625]
+    assert packed.attributes["mantissa_bits"] == 2
 
 
 def test_float16_activations() -> None:
@@ -120,6 +142,7 @@ def test_old_opset_is_refused() -> None:
         ({"exponents": np.full((4, 3, 3), -127, np.int8)}, r"exponents span \[-127, -127\], outside \[-126, 127\]"),
         ({"planes": np.full((4, 3, 5), 255, np.uint8)}, r"padding bits past K=36"),
         ({"group_size": 0}, r"group_size=0 must be positive"),
+        ({"mantissa_bits": 5}, r"mantissa_bits=5, must be 0\.\.4"),
     ],
 )
 def test_bad_packed_inputs_are_rejected(change: dict, message: str) -> None:

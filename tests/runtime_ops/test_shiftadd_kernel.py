@@ -17,10 +17,11 @@ from kiln.runtime_ops import shiftadd, shiftadd_kernel, shiftadd_ort
 RNG = np.random.default_rng(0)
 
 
-def _random(k: int, n: int, bits: int, group: int, spread: int = 2) -> shiftadd.PackedWeight:
+def _random(k: int, n: int, bits: int, group: int, mantissa_bits: int = 0) -> shiftadd.PackedWeight:
     signs = RNG.random((n, bits, k)) < 0.5
+    spread = 2 << mantissa_bits
     exponents = RNG.integers(-spread, spread + 1, (n, bits, shiftadd.n_groups(k, group)))
-    return shiftadd.pack(signs, exponents, group)
+    return shiftadd.pack(signs, exponents, group, mantissa_bits)
 
 
 @pytest.mark.parametrize(
@@ -28,9 +29,13 @@ def _random(k: int, n: int, bits: int, group: int, spread: int = 2) -> shiftadd.
     [(64, 16, 3, 32, 1), (37, 5, 3, 16, 3), (300, 33, 4, 64, 2), (129, 7, 1, 128, 1), (576, 40, 2, 128, 5)],
 )
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_matches_reference(k: int, n: int, bits: int, group: int, rows: int, threads: int) -> None:
-    """Bit for bit on integer activations (every sum exact), float32 rounding otherwise; ragged K included."""
-    packed = _random(k, n, bits, group)
+@pytest.mark.parametrize("mantissa_bits", [0, 3])
+def test_kernel_matches_reference(
+    k: int, n: int, bits: int, group: int, rows: int, threads: int, mantissa_bits: int
+) -> None:
+    """Bit for bit on integer activations (every sum exact), float32 rounding otherwise; ragged K and scales with
+    mantissas included."""
+    packed = _random(k, n, bits, group, mantissa_bits)
     integers = RNG.integers(-4, 5, (rows, k)).astype(np.float32)
     assert np.array_equal(shiftadd_kernel.matmul(integers, packed, threads), shiftadd.reference(integers, packed))
     a = RNG.standard_normal((2, rows, k)).astype(np.float32)
@@ -52,12 +57,16 @@ def test_kernel_rejects_what_it_cannot_run() -> None:
         shiftadd_kernel.matmul(np.zeros((1, 40), np.float32), bad)
 
 
-def test_onnx_runtime_runs_the_kernel_on_a_compiled_model() -> None:
+@pytest.mark.parametrize("mantissa_bits", [0, 3])
+def test_onnx_runtime_runs_the_kernel_on_a_compiled_model(mantissa_bits: int) -> None:
     """shiftadd.bcq's output, moved to the kernel, equals the function form run by plain ONNX Runtime."""
     pytest.importorskip("onnxruntime_extensions", reason="the PyOp path needs onnxruntime-extensions")
     model = testing.mlp([64, 96, 40])
     feeds = [{"x": RNG.standard_normal((16, 64)).astype(np.float32)}]
-    registry.create("shiftadd.bcq", {"min_elements": 0, "group_size": 32}, PassContext(CalibrationData(feeds)))(model)
+    options = {"min_elements": 0, "group_size": 32, "mantissa_bits": mantissa_bits}
+    registry.create("shiftadd.bcq", options, PassContext(CalibrationData(feeds)))(model)
+    node = next(n for n in model.graph if n.op_type == shiftadd.OP_TYPE)
+    assert node.attributes["mantissa_bits"].as_int() == mantissa_bits
     function_form = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     assert shiftadd_ort.use_kernel(model) == 2
     assert not model.functions and shiftadd.DOMAIN not in model.opset_imports
@@ -76,19 +85,24 @@ def test_onnx_runtime_runs_the_kernel_on_a_compiled_model() -> None:
     ("k", "n", "bits", "group", "rows"),
     [(64, 16, 3, 32, 1), (37, 5, 3, 16, 3), (300, 33, 4, 64, 2), (129, 7, 1, 128, 1), (1000, 70, 2, 256, 2)],
 )
-def test_int8_activation_kernel(k: int, n: int, bits: int, group: int, rows: int) -> None:
-    """Bit for bit on integer activations up to 255 (ragged K and N, groups over 128 included); within its 8-bit
-    activation rounding on float activations."""
+@pytest.mark.parametrize("mantissa_bits", [0, 2, 4])
+def test_int8_activation_kernel(k: int, n: int, bits: int, group: int, rows: int, mantissa_bits: int) -> None:
+    """Bit for bit on integer activations up to 255 (ragged K and N, groups over 128, scales with mantissas
+    included); within its 8-bit activation rounding on float activations."""
     if not shiftadd_kernel.has_int8_kernel():
         pytest.skip("this CPU has no AVX2")
-    packed = _random(k, n, bits, group)
+    packed = _random(k, n, bits, group, mantissa_bits)
     integers = RNG.integers(-255, 256, (rows, k)).astype(np.float32)
     got = shiftadd_kernel.matmul(integers, packed, 2, "int8")
     assert np.array_equal(got, shiftadd.reference(integers, packed))
     a = RNG.standard_normal((rows, k)).astype(np.float32)
-    expected = shiftadd.reference(a, packed)
-    error = np.abs(shiftadd_kernel.matmul(a, packed, 2, "int8") - expected).max() / np.abs(expected).max()
-    assert 1e-5 < error < 1e-2  # rounded, but only as much as 8-bit activations are
+    error = np.abs(shiftadd_kernel.matmul(a, packed, 2, "int8") - shiftadd.reference(a, packed))
+    # Rounded, but only as much as 8-bit activations are: each group's step puts its largest |x| in [128, 256), so
+    # every activation moves by at most half a step, and each output by at most sum_k |W[k, n]| half-step_k.
+    peaks = np.abs(np.pad(a, ((0, 0), (0, -k % group)))).reshape(rows, -1, group).max(axis=-1)
+    steps = np.repeat(np.exp2(np.floor(np.log2(peaks)) - 7), group, axis=-1)[:, :k]
+    bound = (steps / 2) @ np.abs(shiftadd.dequantize(packed))
+    assert error.max() > 0 and np.all(error <= bound * (1 + 1e-5) + 1e-6 * np.abs(bound).max())
 
 
 def test_int8_kernel_notices_a_weight_changed_in_place() -> None:

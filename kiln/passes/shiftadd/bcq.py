@@ -74,6 +74,8 @@ class BCQOptions:
 
     * ``bits``: sign planes per weight, 1..4 (every layer, unless ``average_bits`` is set).
     * ``group_size``: rows of K sharing one exponent per plane and column.
+    * ``mantissa_bits``: fraction bits of each scale (the op's attribute): 0 keeps powers of two, ``t`` gives scales
+      ``2^e (1 + f / 2^t)``, a multiply of at most ``t`` more shifts and adds, in the same int8 per scale.
     * ``average_bits``: if set, planes per layer are allocated under this average (module docstring).
     * ``candidate_bits``: plane counts a layer may get when allocating.
     * ``sensitivity``, ``sensitivity_batches``: how layers are scored for allocation ("model" or "layer").
@@ -90,6 +92,7 @@ class BCQOptions:
 
     bits: int = 3
     group_size: int = 128
+    mantissa_bits: int = 0
     average_bits: float | None = None
     candidate_bits: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
     sensitivity: Literal["model", "layer"] = "model"
@@ -111,6 +114,8 @@ class BCQOptions:
         for bits in [self.bits, *self.candidate_bits]:
             if not 1 <= bits <= shiftadd.MAX_BITS:
                 raise ValueError(f"planes per weight must be 1..{shiftadd.MAX_BITS}, got {bits}")
+        if not 0 <= self.mantissa_bits <= shiftadd.MAX_MANTISSA_BITS:
+            raise ValueError(f"mantissa_bits must be 0..{shiftadd.MAX_MANTISSA_BITS}, got {self.mantissa_bits}")
         if self.group_size < 8:
             raise ValueError(f"group_size must be >= 8, got {self.group_size}")
         if self.average_bits is not None:
@@ -243,6 +248,7 @@ class ShiftAddBCQ(KilnPass):
             compensate=opts.compensate,
             act_order=opts.act_order,
             refits=opts.refits,
+            mantissa_bits=opts.mantissa_bits,
         )
         starts = list(itertools.accumulate([w.shape[1] for w in weights], initial=0))
         return [fitted.columns(slice(a, b)) for a, b in itertools.pairwise(starts)]

@@ -1,4 +1,5 @@
-"""Binary-coding quantization (BCQ) with power-of-two scales, fitted with GPTQ-style error compensation.
+"""Binary-coding quantization (BCQ) with power-of-two scales (optionally with a few mantissa bits), fitted with
+GPTQ-style error compensation.
 
 A weight ``W`` [K, N] is cut along K into groups of ``group_size`` rows. In group ``g``, column ``n`` is::
 
@@ -6,6 +7,13 @@ A weight ``W`` [K, N] is cut along K into groups of ``group_size`` rows. In grou
 
 so its values lie on the ``2^q`` levels ``L_j = sum_i 2^e_i (2 bit_i(j) - 1)``: picking level ``j`` for a weight
 sets plane ``i``'s sign to bit ``i`` of ``j``. Exponents are integers in ``[EXPONENT_MIN, EXPONENT_MAX]``.
+
+With ``mantissa_bits = t > 0`` each scale is an int8 code ``c = 2^t e + f`` standing for ``2^e (1 + f / 2^t)``
+(:func:`kiln.runtime_ops.shiftadd.scales`): the same byte per scale, ``2^t`` scales per octave instead of one, and
+a product with one costs at most ``t`` more shifts and adds. Rounding to the nearest code is in log distance, and
+the search below steps codes by one, so ``t = 0`` fits exactly as before. On the synthetic layer of the tests
+(K=256, groups of 64, act-order) the relative output error at 3 planes is 0.157, 0.129, 0.116, 0.114 for
+``t = 0, 1, 2, 3``; at 2 planes 0.272, 0.242, 0.227, 0.228.
 
 Scales of a group (:func:`fit_scales`), per column, minimizing the output-weighted error ``sum_k d_k (w_k - w'_k)^2``
 with ``d = diag(H)`` (the energy of input feature k on the calibration data, so rows that move the output most are
@@ -63,6 +71,7 @@ class BCQWeight:
     codes: np.ndarray
     exponents: np.ndarray
     group_size: int
+    mantissa_bits: int = 0
 
     @property
     def bits(self) -> int:
@@ -70,7 +79,7 @@ class BCQWeight:
 
     def dequantize(self) -> np.ndarray:
         """The [K, N] float32 weight the codes and exponents stand for."""
-        levels = level_values(self.exponents)  # [groups, N, 2^q]
+        levels = level_values(self.exponents, self.mantissa_bits)  # [groups, N, 2^q]
         k = self.codes.shape[0]
         rows = np.arange(k) // self.group_size
         return np.take_along_axis(levels[rows], self.codes[..., None].astype(np.int64), axis=-1)[..., 0]
@@ -78,10 +87,12 @@ class BCQWeight:
     def pack(self) -> shiftadd.PackedWeight:
         """The op's packed layout: planes [N, q, ceil(K/8)], exponents [N, q, groups]."""
         planes = (self.codes.T[:, None, :] >> np.arange(self.bits, dtype=np.uint8)[None, :, None]) & 1
-        return shiftadd.pack(planes.astype(bool), self.exponents.transpose(1, 2, 0), self.group_size)
+        exponents = self.exponents.transpose(1, 2, 0)
+        return shiftadd.pack(planes.astype(bool), exponents, self.group_size, self.mantissa_bits)
 
     def columns(self, cols: slice) -> BCQWeight:
-        return BCQWeight(self.codes[:, cols].copy(), self.exponents[:, cols].copy(), self.group_size)
+        codes, exponents = self.codes[:, cols].copy(), self.exponents[:, cols].copy()
+        return BCQWeight(codes, exponents, self.group_size, self.mantissa_bits)
 
 
 def sign_matrix(bits: int) -> np.ndarray:
@@ -90,9 +101,9 @@ def sign_matrix(bits: int) -> np.ndarray:
     return (2 * ((j >> np.arange(bits)[None, :]) & 1) - 1).astype(np.float32)
 
 
-def level_values(exponents: np.ndarray) -> np.ndarray:
-    """Levels [..., 2^q] of exponents [..., q]."""
-    alphas = np.ldexp(np.float32(1), exponents.astype(np.int32)).astype(np.float32)
+def level_values(exponents: np.ndarray, mantissa_bits: int = 0) -> np.ndarray:
+    """Levels [..., 2^q] of scale codes [..., q]."""
+    alphas = shiftadd.scales(exponents, mantissa_bits).astype(np.float32)
     return alphas @ sign_matrix(exponents.shape[-1]).T
 
 
@@ -124,21 +135,34 @@ def nearest(w: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return Levels(levels).nearest(w)
 
 
-def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray, mantissa_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(error ``sum_r d_r (w - w')^2`` per column [N], codes [rows, N]) of ``w`` on the levels of ``exponents``."""
-    codes, values = nearest(w, level_values(exponents))
+    codes, values = nearest(w, level_values(exponents, mantissa_bits))
     diff = w - values
     return d @ (diff * diff), codes
 
 
-def _to_exponents(alphas: np.ndarray) -> np.ndarray:
-    tiny = np.float32(2.0**shiftadd.EXPONENT_MIN)
-    logs = np.rint(np.log2(np.maximum(np.abs(alphas), tiny)))
-    return np.clip(logs, shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX).astype(np.int8)
+def _code_range(mantissa_bits: int) -> tuple[int, int]:
+    """The scale codes a fit may use: every int8 one, or with ``t = 0`` those whose 2^c is a normal float32."""
+    return (shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX) if mantissa_bits == 0 else (-128, 127)
 
 
-def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int) -> np.ndarray:
-    """Exponents [N, q] for the group ``w`` [rows, N] with row weights ``d`` [rows] (module docstring)."""
+def _to_exponents(alphas: np.ndarray, mantissa_bits: int) -> np.ndarray:
+    """The scale codes nearest to ``|alphas|`` in log distance (for ``t = 0``: ``rint(log2 |alpha|)``)."""
+    low, high = _code_range(mantissa_bits)
+    magnitude = np.maximum(np.abs(alphas).astype(np.float64), 2.0**shiftadd.EXPONENT_MIN)
+    e = np.floor(np.log2(magnitude)).astype(np.int64)
+    unit = 1 << mantissa_bits
+    fraction = np.clip(np.floor((np.ldexp(magnitude, -e) - 1.0) * unit), 0, unit - 1).astype(np.int64)
+    below = np.clip(e * unit + fraction, low, high - 1)
+    v_low, v_high = shiftadd.scales(below, mantissa_bits), shiftadd.scales(below + 1, mantissa_bits)
+    codes = below + (magnitude * magnitude >= v_low * v_high)
+    return np.clip(codes, low, high).astype(np.int8)
+
+
+def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int, mantissa_bits: int = 0) -> np.ndarray:
+    """Scale codes [N, q] for the group ``w`` [rows, N] with row weights ``d`` [rows] (module docstring)."""
+    low, high = _code_range(mantissa_bits)
     n = w.shape[1]
     d = np.asarray(d, dtype=np.float32)
     d_sum = max(float(d.sum()), 1e-30)
@@ -147,8 +171,8 @@ def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int) -> np.n
     for i in range(bits):
         alphas[:, i] = d @ np.abs(residual) / d_sum
         residual -= alphas[:, i] * np.where(residual >= 0, 1, -1)
-    exponents = _to_exponents(alphas)
-    best, codes = _error(w, d, exponents)
+    exponents = _to_exponents(alphas, mantissa_bits)
+    best, codes = _error(w, d, exponents, mantissa_bits)
     ridge = np.float32(1e-6) * d_sum * np.eye(bits, dtype=np.float32)
     signs = sign_matrix(bits)
     for _ in range(iterations):
@@ -156,18 +180,18 @@ def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int) -> np.n
         weighted = planes * d[:, None, None]
         lhs = np.einsum("rni,rnj->nij", weighted, planes) + ridge
         rhs = np.einsum("rni,rn->ni", weighted, w)
-        current = _to_exponents(np.linalg.solve(lhs, rhs[..., None])[..., 0])
-        error, _ = _error(w, d, current)
+        current = _to_exponents(np.linalg.solve(lhs, rhs[..., None])[..., 0], mantissa_bits)
+        error, _ = _error(w, d, current, mantissa_bits)
         for i in range(bits):
             for step in (1, -1):
                 trial = current.copy()
-                trial[:, i] = np.clip(trial[:, i].astype(np.int16) + step, shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX)
-                trial_error, _ = _error(w, d, trial)
+                trial[:, i] = np.clip(trial[:, i].astype(np.int16) + step, low, high)
+                trial_error, _ = _error(w, d, trial, mantissa_bits)
                 better = trial_error < error
                 current[better], error[better] = trial[better], trial_error[better]
         improved = error < best
         exponents[improved], best[improved] = current[improved], error[improved]
-        _, codes = _error(w, d, exponents)
+        _, codes = _error(w, d, exponents, mantissa_bits)
     return exponents
 
 
@@ -182,6 +206,7 @@ def bcq_gptq(
     compensate: bool = True,
     act_order: bool = False,
     refits: int = 0,
+    mantissa_bits: int = 0,
 ) -> BCQWeight:
     """BCQ of ``w`` [K, N] with power-of-two scales, fitted against the Gram ``hessian`` [K, K] of its input.
 
@@ -209,8 +234,8 @@ def bcq_gptq(
         step = max(1, _FIT_CHUNK // (g1 - g0))
         for c0 in range(0, n, step):
             cols = slice(c0, min(c0 + step, n))
-            exponents[g, cols] = fit_scales(rows[:, cols], diagonal[g0:g1], bits, iterations)
-        return Levels(level_values(exponents[g]))
+            exponents[g, cols] = fit_scales(rows[:, cols], diagonal[g0:g1], bits, iterations, mantissa_bits)
+        return Levels(level_values(exponents[g], mantissa_bits))
 
     def sweep(levels: dict[int, Levels]) -> np.ndarray:
         """Quantize every row into ``codes``; returns the rows (original order) as compensated when reached."""
@@ -242,8 +267,8 @@ def bcq_gptq(
 
     if not act_order:
         sweep({})
-        return BCQWeight(codes, exponents, group_size)
+        return BCQWeight(codes, exponents, group_size, mantissa_bits)
     rows = np.asarray(w, dtype=np.float32)
     for _ in range(refits + 1):
         rows = sweep({g: fit_group(g, rows[g * group_size : (g + 1) * group_size]) for g in range(n_groups)})
-    return BCQWeight(codes, exponents, group_size)
+    return BCQWeight(codes, exponents, group_size, mantissa_bits)

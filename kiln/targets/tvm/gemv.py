@@ -139,14 +139,14 @@ class SignPlanes:
 
     def kernel_inputs(self) -> list[np.ndarray]:
         """(sign words ``[N_pad / TILE, bits, K_pad / 32, TILE]`` uint32, bit ``j`` of word ``w`` set where row
-        ``32 w + j`` of the plane is +1; scales ``2^e`` ``[N_pad / TILE, bits * G, TILE]``, plane-major)."""
+        ``32 w + j`` of the plane is +1; scales ``[N_pad / TILE, bits * G, TILE]``, plane-major)."""
         w = self.weight
         groups = shiftadd.n_groups(w.k, w.group_size)
         k_pad = groups * w.group_size
         positive = np.zeros((w.bits, k_pad, w.n), dtype=np.uint8)
         positive[:, : w.k] = (shiftadd.signs(w) > 0).transpose(1, 2, 0)
         planes = np.stack([_words(tile_major(plane), 1) for plane in positive], axis=1)
-        scales = np.ldexp(np.float32(1), w.exponents.astype(np.int32)).astype(np.float32)  # [N, bits, G]
+        scales = shiftadd.scales(w.exponents, w.mantissa_bits).astype(np.float32)  # [N, bits, G]
         return [planes, tile_major(scales.reshape(w.n, -1).T)]
 
 

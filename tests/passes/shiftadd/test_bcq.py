@@ -196,6 +196,7 @@ def test_needs_calibration() -> None:
         ({"stages": 0}, r"stages must be >= 1, got 0"),
         ({"stages": 2, "average_bits": 2.5}, r"stages must be 1 with average_bits"),
         ({"sequential": True, "stages": 2}, r"sequential=True takes every layer group in order"),
+        ({"mantissa_bits": 5}, r"mantissa_bits must be 0\.\.4, got 5"),
     ],
 )
 def test_bad_options(options: dict, message: str) -> None:

@@ -50,6 +50,31 @@ def test_error_falls_with_planes_and_exponents_stay_in_range() -> None:
     assert errors[2] < 0.25  # 3 planes: measured 0.19
 
 
+def test_scale_codes_round_to_the_nearest_scale_in_log_distance() -> None:
+    alphas = np.array([1.0, 1.41, 1.42, 0.3, 3.0, 1.06, 1.07, -2.5], dtype=np.float32)
+    assert fit._to_exponents(alphas, 0).tolist() == [0, 0, 1, -2, 2, 0, 0, 1]
+    # t = 3: scales 1, 1.125, ..., 1.875 per octave; 1.06 lies below sqrt(1 * 1.125) = 1.0607, 1.07 above
+    codes = fit._to_exponents(alphas, 3)
+    assert codes.tolist() == [0, 3, 3, -14, 12, 0, 1, 10]
+    assert shiftadd.scales(codes, 3).tolist() == [1.0, 1.375, 1.375, 0.3125, 3.0, 1.0, 1.125, 2.5]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_mantissa_bits_lower_the_error(bits: int) -> None:
+    """Finer scales fit better: each fraction bit halves the step between scales."""
+    w, hessian = _problem()
+    errors = []
+    for mantissa_bits in (0, 1, 3):
+        q = fit.bcq_gptq(w, hessian, bits, 64, act_order=True, mantissa_bits=mantissa_bits)
+        assert q.mantissa_bits == mantissa_bits and q.exponents.dtype == np.int8
+        packed = q.pack()
+        assert packed.mantissa_bits == mantissa_bits
+        assert np.array_equal(shiftadd.dequantize(packed), q.dequantize())
+        errors.append(_output_error(w, hessian, q))
+    assert errors[2] < errors[1] < errors[0]
+    assert errors[2] < 0.93 * errors[0]
+
+
 def test_compensation_lowers_output_error() -> None:
     w, hessian = _problem()
     plain = _output_error(w, hessian, fit.bcq_gptq(w, hessian, 3, 64, compensate=False))

@@ -89,13 +89,15 @@ def test_float_matmuls_of_one_row_use_the_float_kernel(mlp_path: Path, tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("rows", "k", "n", "bits", "group"), [(1, 576, 192, 3, 128), (2, 100, 70, 2, 32), (1, 64, 64, 4, 64)]
+    ("rows", "k", "n", "bits", "group", "mantissa_bits"),
+    [(1, 576, 192, 3, 128, 0), (2, 100, 70, 2, 32, 0), (1, 64, 64, 4, 64, 0), (1, 576, 192, 3, 128, 3)],
 )
-def test_shiftadd_kernel_equals_the_reference(rows: int, k: int, n: int, bits: int, group: int):
-    """The op's numpy reference (kiln.runtime_ops.shiftadd), ragged K included."""
+def test_shiftadd_kernel_equals_the_reference(rows: int, k: int, n: int, bits: int, group: int, mantissa_bits: int):
+    """The op's numpy reference (kiln.runtime_ops.shiftadd), ragged K and scales with mantissas included."""
     rng = np.random.default_rng(4)
     groups = shiftadd.n_groups(k, group)
-    packed = shiftadd.pack(rng.random((n, bits, k)) > 0.5, rng.integers(-9, 3, (n, bits, groups)), group)
+    codes = rng.integers(-9 << mantissa_bits, 3 << mantissa_bits, (n, bits, groups))
+    packed = shiftadd.pack(rng.random((n, bits, k)) > 0.5, codes, group, mantissa_bits)
     weight = gemv.SignPlanes(packed)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     kernel = gemv.shiftadd_gemv(rows, k, gemv.padded(n), bits, group)
