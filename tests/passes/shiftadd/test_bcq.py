@@ -208,7 +208,7 @@ def test_bad_options(options: dict, message: str) -> None:
 def test_builtin_recipes(name: str, bits: int | None) -> None:
     recipe = recipes.load(name)
     step = recipe.passes[-1]
-    assert step.name == "shiftadd.bcq" and recipe.needs_calibration
+    assert step.name == "shiftadd.bcq" and recipe.needs_calibration and step.options.mantissa_bits == 3
     if bits is None:
         assert step.options.average_bits == 2.5 and step.options.candidate_bits == [2, 3]
     else:
