@@ -346,6 +346,14 @@ def test_what_stays_float() -> None:
     sq = _quantize(model, feeds, op_types=["Gemm"], check_fusion=False)
     assert list(sq.details["layers"]) == ["fc"]
 
+    # The layer reading the graph input keeps it float; the layers after it are quantized as usual.
+    model = _cnn()
+    sq = _quantize(model, feeds, quantize_model_inputs=False, check_fusion=False)
+    assert set(sq.details["layers"]) == {"conv1", "dwconv", "fc"}
+    assert sq.details["skipped"] == {"conv0": "reads the model input 'x' (quantize_model_inputs=false)"}
+    assert [use.node.name for use in model.graph.inputs[0].uses()] == ["conv0"]
+    assert model.graph.node("conv0").inputs[1].name == "w0"
+
     # Activation x activation MatMul (attention scores) stays float.
     a, b = testing.value("a", [2, 4, 8]), testing.value("b", [2, 8, 4])
     mm = ir.node("MatMul", [a, b], name="scores")
