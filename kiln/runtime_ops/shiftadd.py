@@ -1,4 +1,5 @@
-"""``ai.kiln.ShiftAddMatMul``: a matmul whose weight is binary-coded with power-of-two scales.
+"""``ai.kiln.ShiftAddMatMul``: a matmul whose weight is binary-coded with shift-add scales (powers of two, or with
+a few mantissa bits).
 
 Semantics (domain ``ai.kiln``, version 1)::
 

@@ -71,7 +71,8 @@ def configure(threads: int, activations: shiftadd_kernel.Activations) -> None:
 def use_kernel(model: ir.Model) -> int:
     """Point ``model``'s ShiftAddMatMul nodes at the kernel (in place); returns how many were moved.
 
-    Only float32 activations are supported by the kernel; a node with another A type is refused.
+    Only float32 activations are supported by the kernel; a node with another A type is refused. A node without
+    ``mantissa_bits`` (written before it existed) gets 0, its meaning then.
     """
     moved = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
@@ -82,6 +83,8 @@ def use_kernel(model: ir.Model) -> int:
             group = node.attributes.get_int("group_size")
             if group is None or group % 8:
                 raise KilnError(f"node {node.name!r}: the shift-add kernel needs group_size a multiple of 8")
+            if "mantissa_bits" not in node.attributes:  # written before the attribute existed: powers of two
+                node.attributes["mantissa_bits"] = ir.AttrInt64("mantissa_bits", 0)
             node.domain = KERNEL_DOMAIN
             moved += 1
     if moved:

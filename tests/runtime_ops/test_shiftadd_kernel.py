@@ -81,6 +81,23 @@ def test_onnx_runtime_runs_the_kernel_on_a_compiled_model(mantissa_bits: int) ->
         np.testing.assert_allclose(kernel.run(None, {"x": x})[0], expected, rtol=0, atol=atol * scale)
 
 
+def test_a_node_written_before_mantissa_bits_runs_on_the_kernel() -> None:
+    """Such a node's scales are powers of two; moving it to the kernel's domain gives it mantissa_bits = 0."""
+    pytest.importorskip("onnxruntime_extensions", reason="the PyOp path needs onnxruntime-extensions")
+    model = testing.mlp([64, 40])
+    feeds = [{"x": RNG.standard_normal((16, 64)).astype(np.float32)}]
+    registry.create("shiftadd.bcq", {"min_elements": 0, "group_size": 32}, PassContext(CalibrationData(feeds)))(model)
+    expected_session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (node,) = [n for n in model.graph if n.op_type == shiftadd.OP_TYPE]
+    del node.attributes["mantissa_bits"]
+    assert shiftadd_ort.use_kernel(model) == 1 and node.attributes["mantissa_bits"].as_int() == 0
+    options = shiftadd_ort.session_options(1, "float")
+    kernel = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = RNG.integers(-3, 4, (4, 64)).astype(np.float32)
+    expected = expected_session.run(None, {"x": x})[0]
+    np.testing.assert_allclose(kernel.run(None, {"x": x})[0], expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize(
     ("k", "n", "bits", "group", "rows"),
     [(64, 16, 3, 32, 1), (37, 5, 3, 16, 3), (300, 33, 4, 64, 2), (129, 7, 1, 128, 1), (1000, 70, 2, 256, 2)],
