@@ -11,9 +11,9 @@ sets plane ``i``'s sign to bit ``i`` of ``j``. Exponents are integers in ``[EXPO
 With ``mantissa_bits = t > 0`` each scale is an int8 code ``c = 2^t e + f`` standing for ``2^e (1 + f / 2^t)``
 (:func:`kiln.runtime_ops.shiftadd.scales`): the same byte per scale, ``2^t`` scales per octave instead of one, and
 a product with one costs at most ``t`` more shifts and adds. Rounding to the nearest code is in log distance, and
-the search below steps codes by one, so ``t = 0`` fits exactly as before. On the synthetic layer of the tests
-(K=256, groups of 64, act-order) the relative output error at 3 planes is 0.157, 0.129, 0.116, 0.114 for
-``t = 0, 1, 2, 3``; at 2 planes 0.272, 0.242, 0.227, 0.228.
+the search below steps codes by one, so ``t = 0`` fits as before (``rint(log2 |alpha|)``, ties aside). On the
+synthetic layer of the tests (K=256, groups of 64, act-order) the relative output error at 3 planes is 0.157,
+0.129, 0.116, 0.114 for ``t = 0, 1, 2, 3``; at 2 planes 0.272, 0.242, 0.227, 0.228.
 
 Scales of a group (:func:`fit_scales`), per column, minimizing the output-weighted error ``sum_k d_k (w_k - w'_k)^2``
 with ``d = diag(H)`` (the energy of input feature k on the calibration data, so rows that move the output most are
