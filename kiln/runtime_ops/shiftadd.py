@@ -60,6 +60,8 @@ MAX_MANTISSA_BITS = 4
 #: Scales 2^e stay normal float32 numbers.
 EXPONENT_MIN = -126
 EXPONENT_MAX = 127
+#: The node's attributes, in the order of :class:`PackedWeight`'s size fields.
+ATTRIBUTES = ("K", "N", "bits", "group_size", "mantissa_bits")
 
 
 class PackedInputError(KilnError):
@@ -84,13 +86,12 @@ class PackedWeight:
 
     @property
     def attributes(self) -> dict[str, int]:
-        return {
-            "K": self.k,
-            "N": self.n,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "mantissa_bits": self.mantissa_bits,
-        }
+        return dict(zip(ATTRIBUTES, (self.k, self.n, self.bits, self.group_size, self.mantissa_bits), strict=True))
+
+
+def code_range(mantissa_bits: int) -> tuple[int, int]:
+    """The valid scale codes: with ``t = 0`` those whose 2^c is a normal float32, with ``t >= 1`` every int8."""
+    return (EXPONENT_MIN, EXPONENT_MAX) if mantissa_bits == 0 else (-128, 127)
 
 
 def scales(exponents: np.ndarray, mantissa_bits: int) -> np.ndarray:
@@ -146,9 +147,10 @@ def check_packed(packed: PackedWeight, where: str = "ShiftAddMatMul") -> None:
             f"{list(want_exponents)}"
         )
     low, high = int(exponents.min()), int(exponents.max())
-    if packed.mantissa_bits == 0 and (low < EXPONENT_MIN or high > EXPONENT_MAX):
+    valid_low, valid_high = code_range(packed.mantissa_bits)
+    if low < valid_low or high > valid_high:
         raise PackedInputError(
-            f"{where}: exponents span [{low}, {high}], outside [{EXPONENT_MIN}, {EXPONENT_MAX}] (2^e must be a normal "
+            f"{where}: exponents span [{low}, {high}], outside [{valid_low}, {valid_high}] (2^e must be a normal "
             "float32)"
         )
     if k % 8 and np.any(planes[..., -1] >> (k % 8)):
@@ -253,8 +255,7 @@ def function(opset: int) -> ir.Function:
     weight = op("CastLike", [op("Transpose", [weight_t], "weight_f", perm=[1, 0]), a], "weight")
     y = op("MatMul", [a, weight], "Y")
     graph = ir.Graph([a, planes, exponents], [y], nodes=nodes, opset_imports={"": opset}, name=OP_TYPE)
-    names = ("K", "N", "bits", "group_size", "mantissa_bits")
-    attributes = [ir.Attr(name, ir.AttributeType.INT, None) for name in names]
+    attributes = [ir.Attr(name, ir.AttributeType.INT, None) for name in ATTRIBUTES]
     return ir.Function(DOMAIN, OP_TYPE, graph=graph, attributes=attributes)
 
 

@@ -5,10 +5,10 @@ Method (LUT-GEMM / T-MAC style). For each row of A and each byte ``c`` of a plan
 -x_j)``, built with 256 adds (``T_c[m + 2^j] = T_c[m] + 2 x_j``). An output is then, per plane and group of
 ``group_size`` rows, a sum of table look-ups ``T_c[planes[n, i, c]]`` scaled by the plane's scale (a product with
 the integer mantissa ``2^t + f``, then with an exact power of two read from a table: an exponent add), accumulated
-in float64. Group sums are float32: with
-integer-valued activations whose sums stay below 2^24 every step is exact, so the kernel equals the numpy reference
-bit for bit; otherwise it agrees within float32 rounding. Needs ``group_size`` a multiple of 8 (a byte of a plane
-must not straddle two groups). These look-ups are scalar, into 1 KiB tables.
+in float64. Group sums are float32: with integer-valued activations whose sums stay below 2^24 every step is exact,
+so the kernel equals the numpy reference bit for bit; otherwise it agrees within float32 rounding. Needs
+``group_size`` a multiple of 8 (a byte of a plane must not straddle two groups). These look-ups are scalar, into
+1 KiB tables.
 
 The fast kernel (``activations="int8"``, AVX2) trades exactness for speed as MatMulNBits' ``accuracy_level=4``
 does. Activations of each group of ``group_size`` rows become integers in [-255, 255] times a power of two (the one

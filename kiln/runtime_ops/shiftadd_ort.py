@@ -36,11 +36,10 @@ def _extensions() -> str:
         op_type=shiftadd.OP_TYPE,
         inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_uint8, PyCustomOpDef.dt_int8],
         outputs=[PyCustomOpDef.dt_float],
-        attrs={"K": int64, "N": int64, "bits": int64, "group_size": int64, "mantissa_bits": int64},
+        attrs=dict.fromkeys(shiftadd.ATTRIBUTES, int64),
     )
     def shift_add_matmul(a: np.ndarray, planes: np.ndarray, exponents: np.ndarray, **attrs: int) -> np.ndarray:
-        sizes = (attrs["K"], attrs["N"], attrs["bits"], attrs["group_size"], attrs.get("mantissa_bits", 0))
-        packed = shiftadd.PackedWeight(planes, exponents, *sizes)
+        packed = shiftadd.PackedWeight(planes, exponents, *(attrs[name] for name in shiftadd.ATTRIBUTES))
         return shiftadd_kernel.matmul(a, packed, _settings["threads"], _settings["activations"])
 
     return get_library_path()

@@ -142,14 +142,9 @@ def _error(w: np.ndarray, d: np.ndarray, exponents: np.ndarray, mantissa_bits: i
     return d @ (diff * diff), codes
 
 
-def _code_range(mantissa_bits: int) -> tuple[int, int]:
-    """The scale codes a fit may use: every int8 one, or with ``t = 0`` those whose 2^c is a normal float32."""
-    return (shiftadd.EXPONENT_MIN, shiftadd.EXPONENT_MAX) if mantissa_bits == 0 else (-128, 127)
-
-
 def _to_exponents(alphas: np.ndarray, mantissa_bits: int) -> np.ndarray:
     """The scale codes nearest to ``|alphas|`` in log distance (for ``t = 0``: ``rint(log2 |alpha|)``)."""
-    low, high = _code_range(mantissa_bits)
+    low, high = shiftadd.code_range(mantissa_bits)
     magnitude = np.maximum(np.abs(alphas).astype(np.float64), 2.0**shiftadd.EXPONENT_MIN)
     e = np.floor(np.log2(magnitude)).astype(np.int64)
     unit = 1 << mantissa_bits
@@ -162,7 +157,7 @@ def _to_exponents(alphas: np.ndarray, mantissa_bits: int) -> np.ndarray:
 
 def fit_scales(w: np.ndarray, d: np.ndarray, bits: int, iterations: int, mantissa_bits: int = 0) -> np.ndarray:
     """Scale codes [N, q] for the group ``w`` [rows, N] with row weights ``d`` [rows] (module docstring)."""
-    low, high = _code_range(mantissa_bits)
+    low, high = shiftadd.code_range(mantissa_bits)
     n = w.shape[1]
     d = np.asarray(d, dtype=np.float32)
     d_sum = max(float(d.sum()), 1e-30)

@@ -185,8 +185,7 @@ def _shiftadd_weight(node: ir.Node) -> gemv.SignPlanes | None:
     planes, exponents = _const(node.inputs[1]), _const(node.inputs[2])
     if planes is None or exponents is None:
         return None
-    sizes = [_attr(node, name, 0) for name in ("K", "N", "bits", "group_size", "mantissa_bits")]
-    weight = shiftadd.PackedWeight(planes, exponents, *sizes)
+    weight = shiftadd.PackedWeight(planes, exponents, *(_attr(node, name, 0) for name in shiftadd.ATTRIBUTES))
     shiftadd.check_packed(weight, f"ShiftAddMatMul node {node.name!r}")
     return gemv.SignPlanes(weight)
 
