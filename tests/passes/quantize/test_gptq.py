@@ -143,6 +143,21 @@ def test_independent_range_ends_lower_every_groups_error() -> None:
     )
 
 
+def test_clip_search_prices_rows_by_a_cost_vector_as_by_its_diagonal_matrix() -> None:
+    """GPTQ's act-order hands the clip search one cost per row (``1 / [H^-1]_kk``): the same search as the
+    diagonal Gram, on ragged K too, and the shrinks it picks differ from those of the full Gram's blocks."""
+    w = RNG.standard_normal((100, 24)).astype(np.float32)
+    h = gram(correlated(1024, 100, seed=5))
+    costs = 1.0 / np.diag(np.linalg.inv(h))
+    spec = GridSpec(3, 32, False)
+    by_vector = gptq.clip_search(w, costs, spec, gptq.CLIP_RATIOS, np.dtype(np.float32))
+    by_matrix = gptq.clip_search(w, np.diag(costs), spec, gptq.CLIP_RATIOS, np.dtype(np.float32))
+    np.testing.assert_array_equal(by_vector.codes, by_matrix.codes)
+    np.testing.assert_array_equal(by_vector.scales, by_matrix.scales)
+    by_gram = gptq.clip_search(w, h, spec, gptq.CLIP_RATIOS, np.dtype(np.float32))
+    assert not np.array_equal(by_vector.scales, by_gram.scales)
+
+
 def test_weights_sharing_an_input_are_solved_jointly_as_if_alone() -> None:
     h = gram(correlated(1024, 64))
     weights = [RNG.standard_normal((64, n)).astype(np.float32) for n in (32, 8, 8)]
