@@ -43,7 +43,7 @@ from kiln.errors import KilnError
 from kiln.runtime_ops import shiftadd
 from kiln.zoo import cache_root
 
-_SOURCE = r"""
+SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <omp.h>
@@ -145,29 +145,59 @@ void shiftadd_block(const uint8_t* planes, const int8_t* exponents, int64_t n, i
    4 activations get a 16-entry table of their signed sums (|sum| <= 1020, int16 split into low and high bytes). */
 static void quantize_tables(const float* a, int64_t k, int64_t group, int64_t groups, int64_t bytes, uint8_t* tl,
                             uint8_t* th, int* ex) {
+    int16_t* x = (int16_t*)(tl + 64 * bytes); /* scratch after both tables: 8 * bytes int16 (see matmul) */
+    const __m256 top = _mm256_set1_ps(255.0f), bottom = _mm256_set1_ps(-255.0f);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t g = 0; g < groups; ++g) {
         int64_t k0 = g * group, k1 = k0 + group < k ? k0 + group : k;
+        __m256 mv = _mm256_setzero_ps();
+        int64_t r0 = k0;
+        for (; r0 + 8 <= k1; r0 += 8) mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(a + r0), magnitude));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mv);
         float m = 0.0f;
-        for (int64_t r = k0; r < k1; ++r) m = fmaxf(m, fabsf(a[r]));
+        for (int j = 0; j < 8; ++j) m = fmaxf(m, lanes[j]);
+        for (; r0 < k1; ++r0) m = fmaxf(m, fabsf(a[r0]));
         int p = 0;
         if (m > 0.0f) frexpf(m, &p);
         ex[g] = m > 0.0f ? 8 - p : 0;
+        /* times 2^ex[g] (exact), round to nearest even as rintf, clamp; group is a multiple of 8 */
+        const __m256 scale = _mm256_set1_ps(ldexpf(1.0f, ex[g]));
+        int64_t r = k0;
+        for (; r + 8 <= k1; r += 8) {
+            __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(a + r), scale),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256i i32 = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, bottom), top));
+            __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storeu_si128((__m128i*)(x + r), i16);
+        }
+        for (; r < k1; ++r) {
+            float v = rintf(a[r] * ldexpf(1.0f, ex[g]));
+            x[r] = (int16_t)(v > 255.0f ? 255.0f : (v < -255.0f ? -255.0f : v));
+        }
     }
-    for (int64_t q = 0; q < 2 * bytes; ++q) {
-        int16_t x[4], t[16];
-        for (int j = 0; j < 4; ++j) {
-            int64_t r = 4 * q + j;
-            float v = r < k ? ldexpf(a[r], ex[r / group]) : 0.0f;
-            v = rintf(v);
-            x[j] = (int16_t)(v > 255.0f ? 255.0f : (v < -255.0f ? -255.0f : v));
+    for (int64_t r = k; r < 8 * bytes; ++r) x[r] = 0;
+    /* entry m of a 4-activation table: sum_j (bit j of m ? x_j : -x_j), as 16 int16 lanes per table */
+    const __m256i s0 = _mm256_setr_epi16(-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1);
+    const __m256i s1 = _mm256_setr_epi16(-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1);
+    const __m256i s2 = _mm256_setr_epi16(-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1);
+    const __m256i s3 = _mm256_setr_epi16(-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m256i low = _mm256_set1_epi16(0xff);
+    for (int64_t q = 0; q < 2 * bytes; q += 2) { /* bytes * 2 tables: an even count */
+        __m256i t[2];
+        for (int h = 0; h < 2; ++h) {
+            const int16_t* xq = x + 4 * (q + h);
+            t[h] = _mm256_add_epi16(
+                _mm256_add_epi16(_mm256_sign_epi16(_mm256_set1_epi16(xq[0]), s0),
+                                 _mm256_sign_epi16(_mm256_set1_epi16(xq[1]), s1)),
+                _mm256_add_epi16(_mm256_sign_epi16(_mm256_set1_epi16(xq[2]), s2),
+                                 _mm256_sign_epi16(_mm256_set1_epi16(xq[3]), s3)));
         }
-        t[0] = (int16_t)(-x[0] - x[1] - x[2] - x[3]);
-        for (int j = 0; j < 4; ++j)
-            for (int m = 0; m < (1 << j); ++m) t[(1 << j) + m] = (int16_t)(t[m] + 2 * x[j]);
-        for (int m = 0; m < 16; ++m) {
-            tl[q * 16 + m] = (uint8_t)(t[m] & 0xff);
-            th[q * 16 + m] = (uint8_t)((uint16_t)t[m] >> 8);
-        }
+        /* packus interleaves 128-bit lanes: [t0 lo, t1 lo | t0 hi, t1 hi] -> permute to t0's 16 bytes, t1's 16 */
+        __m256i l = _mm256_packus_epi16(_mm256_and_si256(t[0], low), _mm256_and_si256(t[1], low));
+        __m256i hb = _mm256_packus_epi16(_mm256_srli_epi16(t[0], 8), _mm256_srli_epi16(t[1], 8));
+        _mm256_storeu_si256((__m256i*)(tl + 16 * q), _mm256_permute4x64_epi64(l, 0xd8));
+        _mm256_storeu_si256((__m256i*)(th + 16 * q), _mm256_permute4x64_epi64(hb, 0xd8));
     }
 }
 
@@ -274,25 +304,31 @@ Activations = Literal["float", "int8"]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-@functools.cache
-def _library() -> ctypes.CDLL:
+def build(name: str, source: str, flags: list[str] = ()) -> Path:
+    """Compile ``source`` into ``<kiln cache>/kernels/<name>-<hash>.so`` once (keyed by source, flags, machine)."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         raise KilnError("the shift-add CPU kernel needs a C compiler (cc or $CC) to build it")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + platform.machine()).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, *flags]
+    key = hashlib.sha256((source + " ".join(flags) + platform.machine()).encode()).hexdigest()[:16]
     directory = cache_root() / "kernels"
-    path = directory / f"shiftadd-{key}.so"
+    path = directory / f"{name}-{key}.so"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            source = Path(tmp) / "shiftadd.c"
-            source.write_text(_SOURCE)
+            source_file = Path(tmp) / f"{name}.c"
+            source_file.write_text(source)
             built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lm"], capture_output=True)
+            result = subprocess.run([compiler, str(source_file), "-o", str(built), *flags, "-lm"], capture_output=True)
             if result.returncode != 0:
-                raise KilnError(f"building the shift-add kernel failed: {result.stderr.decode(errors='replace')}")
+                raise KilnError(f"building the {name} kernel failed: {result.stderr.decode(errors='replace')}")
             os.replace(built, path)  # atomic: concurrent builders leave one complete file
-    library = ctypes.CDLL(str(path))
+    return path
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    library = ctypes.CDLL(str(build("shiftadd", SOURCE)))
     pointer = ctypes.c_void_p
     library.shiftadd_matmul.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, pointer, pointer]
     library.shiftadd_matmul.argtypes += [*[ctypes.c_int64] * 3, ctypes.c_int, pointer, pointer, ctypes.c_int]
@@ -334,16 +370,23 @@ def _blocked(packed: shiftadd.PackedWeight) -> tuple[np.ndarray, np.ndarray]:
     if hit is not None and hit[2] == sample:
         _BLOCKED.move_to_end(key)
         return hit[0], hit[1]
-    blocks, bytes_, groups = -(-packed.n // 32), planes.shape[-1], exponents.shape[-1]
-    wt = np.empty((blocks, packed.bits, bytes_, 32), dtype=np.uint8)
-    ex = np.empty((blocks, packed.bits, groups, 32), dtype=np.int8)
-    planes, exponents = np.ascontiguousarray(planes), np.ascontiguousarray(exponents)
-    _library().shiftadd_block(
-        planes.ctypes.data, exponents.ctypes.data, packed.n, packed.bits, bytes_, groups, wt.ctypes.data, ex.ctypes.data
-    )
+    wt, ex = blocked_layout(packed)
     _BLOCKED[key] = (wt, ex, sample)
     if len(_BLOCKED) > _BLOCKED_MAX:
         _BLOCKED.popitem(last=False)
+    return wt, ex
+
+
+def blocked_layout(packed: shiftadd.PackedWeight) -> tuple[np.ndarray, np.ndarray]:
+    """The int8-activation kernel's column-blocked copy of a weight: planes [ceil(N/32), bits, ceil(K/8), 32] uint8
+    and scale codes [ceil(N/32), bits, groups, 32] int8 (32 columns' bytes contiguous; columns past N are zeros)."""
+    planes, exponents = np.ascontiguousarray(packed.planes), np.ascontiguousarray(packed.exponents)
+    blocks, bytes_, groups = -(-packed.n // 32), planes.shape[-1], exponents.shape[-1]
+    wt = np.empty((blocks, packed.bits, bytes_, 32), dtype=np.uint8)
+    ex = np.empty((blocks, packed.bits, groups, 32), dtype=np.int8)
+    _library().shiftadd_block(
+        planes.ctypes.data, exponents.ctypes.data, packed.n, packed.bits, bytes_, groups, wt.ctypes.data, ex.ctypes.data
+    )
     return wt, ex
 
 
@@ -372,7 +415,7 @@ def matmul(
         raise KilnError(f"activations must be 'float' or 'int8', got {activations!r}")
     if activations == "int8" and has_int8_kernel():
         wt, ex = _blocked(packed)
-        tables = np.empty(64 * planes.shape[-1], dtype=np.uint8)
+        tables = np.empty(80 * planes.shape[-1], dtype=np.uint8)  # both tables, then int16 activations
         scales = np.empty(exponents.shape[-1], dtype=np.intc)
         _library().shiftadd_matmul_a8(
             rows.ctypes.data,
