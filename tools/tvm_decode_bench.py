@@ -38,11 +38,11 @@ from kiln.targets.tvm.runner import TvmRunner
 MODEL = "smollm2-135m"
 
 
-def _compile(recipe: kiln.Recipe, out: Path, target: str | None, past: int) -> Path:
+def _compile(recipe: kiln.Recipe, out: Path, target: str | None, past: int, extra: dict | None = None) -> Path:
     options = None
     if target is not None:
         recipe = dataclasses.replace(recipe, target=target, target_options={})
-        options = {"dims": {"batch": 1, "past_len": past}, "max_weight_mb": 1024}
+        options = {"dims": {"batch": 1, "past_len": past}, "max_weight_mb": 1024, **(extra or {})}
     model = zoo.export(MODEL, "decode")
     kiln.compile_model(model, out, recipe, accept_out_of_tolerance=True, verify_limit=1, target_options=options)
     return out
@@ -76,6 +76,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--no-tvm-fp32", action="store_true")
+    parser.add_argument(
+        "--shiftadd-sign",
+        action="store_true",
+        help="also compile shift-add recipes with TVM's sign kernel (shiftadd_kernel = 'sign'; default: kiln's LUT)",
+    )
     args = parser.parse_args()
     feed = zoo.get(MODEL).verification_feeds("decode", limit=1)[0]
     feed = {k: v[:1] for k, v in feed.items()}
@@ -85,16 +90,18 @@ def main() -> None:
     bytes_read: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        builds = [("ort fp32", fp32, None)]
+        builds = [("ort fp32", fp32, None, None)]
         for spec in args.recipes.split(","):
             recipe = recipes.load(spec)
-            builds += [(f"ort {recipe.name}", recipe, None), (f"tvm {recipe.name}", recipe, "tvm-llvm")]
+            builds += [(f"ort {recipe.name}", recipe, None, None), (f"tvm {recipe.name}", recipe, "tvm-llvm", None)]
+            if args.shiftadd_sign and any(p.name.startswith("shiftadd.") for p in recipe.passes):
+                builds.append((f"tvm {recipe.name} (sign kernel)", recipe, "tvm-llvm", {"shiftadd_kernel": "sign"}))
         if not args.no_tvm_fp32:
-            builds.append(("tvm fp32", fp32, "tvm-llvm"))
+            builds.append(("tvm fp32", fp32, "tvm-llvm", None))
         reference = builds[1][0]
-        for name, recipe, target in builds:
+        for name, recipe, target, extra in builds:
             start = time.perf_counter()
-            out = _compile(recipe, root / name.replace(" ", "-"), target, past)
+            out = _compile(recipe, root / "".join(c if c.isalnum() else "-" for c in name), target, past, extra)
             print(f"built {name} in {time.perf_counter() - start:.0f} s", flush=True)
             bytes_read[name] = _weight_bytes(out / "model.onnx")
             if target is None:

@@ -23,7 +23,9 @@ few rows (M <= :data:`MAX_ROWS`) times a constant weight, and come scheduled:
   bit to the lanes' sign and a blend picks ``x`` or ``-x``: no multiplication), and the group's sum is scaled by
   ``2^e`` once. 576x1536 with 3 planes in 138 us: each sign costs about a third of a 4-bit weight, so 3 planes
   cost more than 4 bits on this CPU (a table-lookup variant with 256-entry tables of 8 activations, gathered per
-  lane, was no faster: 131 us).
+  lane, was no faster: 131 us). On x86 with AVX2 ``tvm-llvm`` calls kiln's C table-lookup kernel instead
+  (:mod:`kiln.targets.tvm.shiftadd_lut`: 16-entry tables looked up with byte shuffles; SmolLM2 decode 16.0 ms per
+  token against 26.0 ms on this kernel); ``shiftadd_kernel = "sign"`` keeps this one.
 
 Numbers are those of ONNX Runtime's MatMulNBits up to float rounding (sums in a different order).
 """
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from kiln.runtime_ops import shiftadd
+from kiln.targets.tvm import shiftadd_lut
 
 #: Output columns per tile: 8 AVX2 registers of 8 float32 accumulators.
 TILE = 64
@@ -285,10 +288,12 @@ def _schedule_tiles(func: Any, out: str, inner: str | None, word_rows: int = 1) 
 
 
 def use_kernels(
-    mod: Any, packed: Mapping[str, PackedWeight | SignPlanes], inputs: int, enabled: bool = True
+    mod: Any, packed: Mapping[str, PackedWeight | SignPlanes], inputs: int, enabled: bool = True, lut: bool = False
 ) -> tuple[Any, dict[str, int]]:
     """Route ``main``'s matmuls by a constant (or packed) weight with at most MAX_ROWS rows of x to these kernels
-    (CPU schedules: ``enabled=False`` on a GPU, where only the parameters are bound).
+    (CPU schedules: ``enabled=False`` on a GPU, where only the parameters are bound). With ``lut``, shift-add
+    weights go to kiln's C table-lookup kernel instead (:mod:`kiln.targets.tvm.shiftadd_lut`, counted as
+    ``shiftadd_lut``): the library then needs it registered where it runs.
 
     ``packed`` names the parameters of ``main`` that stand for MatMulNBits or ShiftAddMatMul weights (see
     :func:`kiln.targets.tvm.lower.prepare`); those still used by a matmul with more rows get their float weights
@@ -305,7 +310,7 @@ def use_kernels(
         def __init__(self) -> None:
             super().__init__(mod)
             self.kernels: dict[tuple, Any] = {}
-            self.counts: dict[str, int] = {"packed": 0, "shiftadd": 0, "float": 0}
+            self.counts: dict[str, int] = {"packed": 0, "shiftadd": 0, "shiftadd_lut": 0, "float": 0}
 
         def weight(self, expr: Any) -> tuple[str, Any] | None:
             """(kind, PackedWeight or SignPlanes) or ("float", [K, N] array) for a weight these kernels take."""
@@ -338,8 +343,16 @@ def use_kernels(
             rows, k = int(np.prod(dims[:-1])), dims[-1]
             kind, weight = found
             weight_k, n = weight.shape if kind == "float" else (weight.k, weight.n)
-            if rows > MAX_ROWS or weight_k != k or (kind != "float" and not weight.fits):
+            use_lut = kind == "shiftadd" and lut and shiftadd_lut.fits(weight.weight)
+            if rows > MAX_ROWS or weight_k != k or (kind != "float" and not use_lut and not weight.fits):
                 return call
+            flat = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (rows, k)))
+            if use_lut:
+                args = [relax.const(a) for a in shiftadd_lut.kernel_inputs(weight.weight)]
+                out_type = relax.TensorType((rows, n), "float32")
+                out = relax.call_dps_packed(shiftadd_lut.FUNCTION, [flat, *args], out_type)
+                self.counts["shiftadd_lut"] += 1
+                return out if len(dims) == 2 else relax.op.reshape(self.builder_.emit(out), (*dims[:-1], n))
             n_pad = padded(n)
             if kind == "float":
                 key, make = ("float", rows, k, n_pad), lambda: float_gemv(rows, k, n_pad)
@@ -350,7 +363,6 @@ def use_kernels(
             if key not in self.kernels:
                 name = "kiln_gemv_" + "_".join(map(str, key))
                 self.kernels[key] = self.builder_.add_func(make().with_attr("global_symbol", name), name)
-            flat = x if len(dims) == 2 else self.builder_.emit(relax.op.reshape(x, (rows, k)))
             out = relax.call_tir(self.kernels[key], [flat, *args], relax.TensorType((rows, n_pad), "float32"))
             if n_pad != n:
                 out = relax.op.strided_slice(self.builder_.emit(out), axes=[1], begin=[0], end=[n])

@@ -11,6 +11,7 @@ import numpy as np
 
 from kiln.errors import KilnError
 from kiln.targets.base import Feed, Runner, TensorSpec
+from kiln.targets.tvm import shiftadd_lut
 
 LIBRARY = "model.so"
 METADATA = "tvm.json"
@@ -42,6 +43,10 @@ class TvmRunner(Runner):
             self.device = tvm.cuda(0)
             if not self.device.exist:
                 raise KilnError(f"{library}: the library runs on a CUDA device, and TVM sees none on this machine")
+        for name in metadata.get("runtime_functions", []):
+            if name != shiftadd_lut.FUNCTION:
+                raise KilnError(f"{library}: calls {name!r}, which this kiln does not provide")
+            shiftadd_lut.register()
         try:
             self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         except Exception as e:

@@ -29,6 +29,10 @@ Options (every TVM target):
   its 512-token prefill then takes 1.02-1.09x ONNX Runtime's time). Raise it for such models.
 * ``integer_qdq`` (CPU targets, default true): QDQ matmuls and 1x1 convolutions with constant weights run in
   integers (:mod:`kiln.targets.tvm.qdq`); false keeps the importer's dequantize-then-float32 form.
+* ``shiftadd_kernel`` (``tvm-llvm``): ``"lut"`` (default, where the CPU has AVX2) runs ``ai.kiln.ShiftAddMatMul``
+  in decode on kiln's C table-lookup kernel (:mod:`kiln.targets.tvm.shiftadd_lut`: int8 activations, built and
+  registered where the library is loaded, so running it needs kiln there; ``tvm.json`` lists it under
+  ``runtime_functions``); ``"sign"`` keeps TVM's own sign kernel (float sums, a self-contained library).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Any, ClassVar
 
 from kiln.errors import KilnError, describe
 from kiln.targets.base import Target
-from kiln.targets.tvm import gemv, layout, lower, qdq, relax_build, tune
+from kiln.targets.tvm import gemv, layout, lower, qdq, relax_build, shiftadd_lut, tune
 from kiln.targets.tvm.runner import LIBRARY, METADATA, TvmRunner
 
 logger = logging.getLogger("kiln")
@@ -70,6 +74,7 @@ class TvmOptions:
     rpc_key: str = ""
     max_weight_mb: float = 256.0
     integer_qdq: bool = True
+    shiftadd_kernel: str = "lut"
 
     def __post_init__(self) -> None:
         if not isinstance(self.dims, dict) or not all(
@@ -86,6 +91,8 @@ class TvmOptions:
             raise ValueError("trials, time_budget_s and num_cores must be >= 0, max_weight_mb > 0")
         if not isinstance(self.integer_qdq, bool):
             raise ValueError(f"integer_qdq must be true or false, got {self.integer_qdq!r}")
+        if self.shiftadd_kernel not in ("lut", "sign"):
+            raise ValueError(f"shiftadd_kernel must be 'lut' or 'sign', got {self.shiftadd_kernel!r}")
         if self.rpc_tracker:
             tune.RpcSpec.parse(self.rpc_tracker, self.rpc_key)
 
@@ -110,6 +117,8 @@ class TvmTarget(Target):
     Options = TvmOptions
     mtriple: ClassVar[str]
     mattr: ClassVar[tuple[str, ...]] = ()
+    #: Whether the library runs on the machine that loads it, so it may call kernels built there (shift-add LUT).
+    host_kernels: ClassVar[bool] = False
 
     def check(self) -> None:
         try:
@@ -138,7 +147,8 @@ class TvmTarget(Target):
         )
         with _tvm_errors(model_file, "import"):
             mod = relax_build.import_onnx(prepared.proto, prepared.shapes, qdq.importer_converters())
-            mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu)
+            lut = cpu and self.host_kernels and opts.shiftadd_kernel == "lut" and shiftadd_lut.available()
+            mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu, lut)
             if cpu:
                 if any(prepared.lowered.get(k) for k in ("QDQ MatMul", "QDQ Conv", "DynamicQuantizeMatMul")):
                     mod = qdq.narrow(mod)
@@ -180,6 +190,7 @@ class TvmTarget(Target):
             "device": "cuda" if target.kind.name == "cuda" else "cpu",
             "batch_split": prepared.batch_split,
             "library": LIBRARY,
+            "runtime_functions": [shiftadd_lut.FUNCTION] if kernels["shiftadd_lut"] else [],
         }
         (out_dir / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         details["build_seconds"] = time.perf_counter() - start
@@ -199,6 +210,7 @@ class TvmLlvmTarget(TvmTarget):
     name = "tvm-llvm"
     summary = "Apache TVM (Relax) for this x86-64 CPU: model.so + tvm.json, untuned or MetaSchedule-tuned"
     mtriple = "x86_64-linux-gnu"
+    host_kernels = True
 
     def cpu(self) -> str:
         return self.options.mcpu or relax_build.host_cpu()

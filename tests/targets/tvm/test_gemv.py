@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 import kiln
 from kiln.compiler.calibration import CalibrationData
 from kiln.compiler.recipes import parse
-from kiln.runtime_ops import shiftadd
+from kiln.errors import KilnError
+from kiln.runtime_ops import shiftadd, shiftadd_ort
 from kiln.targets.ort import SessionSettings
 from kiln.targets.ort.runner import OrtRunner
-from kiln.targets.tvm import gemv, relax_build, runner
+from kiln.targets.tvm import gemv, relax_build, runner, shiftadd_lut
 from tests.targets.conftest import rtn_recipe
 
 
@@ -74,7 +79,7 @@ def test_matmulnbits_runs_packed_up_to_max_rows(mlp_path: Path, tmp_path: Path, 
     options = {"dims": {"batch": batch}}
     recipe = rtn_recipe("tvm-llvm", fmt="matmulnbits")
     result = kiln.compile_model(mlp_path, out_dir, recipe, input_shapes={"x": [batch, 64]}, target_options=options)
-    assert result.report["target"]["gemv_kernels"] == {"packed": packed, "shiftadd": 0, "float": 0}
+    assert result.report["target"]["gemv_kernels"] == {"packed": packed, "shiftadd": 0, "shiftadd_lut": 0, "float": 0}
     x = np.random.default_rng(2).standard_normal((batch, 64)).astype(np.float32)
     assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
 
@@ -83,7 +88,7 @@ def test_float_matmuls_of_one_row_use_the_float_kernel(mlp_path: Path, tmp_path:
     recipe = parse('target = "tvm-llvm"\n[[passes]]\nname = "cleanup.optimize"\n', name="fp32")
     out_dir = tmp_path / "out"
     result = kiln.compile_model(mlp_path, out_dir, recipe, target_options={"dims": {"batch": 1}})
-    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "shiftadd": 0, "float": 2}
+    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "shiftadd": 0, "shiftadd_lut": 0, "float": 2}
     x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
     assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
 
@@ -107,10 +112,7 @@ def test_shiftadd_kernel_equals_the_reference(rows: int, k: int, n: int, bits: i
     np.testing.assert_array_equal(weight.dequantize(), shiftadd.dequantize(packed).astype(np.float32))
 
 
-@pytest.mark.parametrize(("group", "kernels"), [(32, 2), (16, 0)])
-def test_shiftadd_matmuls_run_on_the_sign_kernel(mlp_path: Path, tmp_path: Path, group: int, kernels: int):
-    """ShiftAddMatMul nodes become the kernel (groups of whole 32-row words) or float weights (groups of 16), with
-    the numbers of the op's function form in ONNX Runtime."""
+def _compile_shiftadd(mlp_path: Path, out_dir: Path, group: int, kernel: str) -> dict:
     recipe = parse(
         'target = "tvm-llvm"\n[[passes]]\nname = "shiftadd.bcq"\n'
         f"options = {{ bits = 3, group_size = {group}, min_elements = 0, compensate = false }}\n"
@@ -119,11 +121,48 @@ def test_shiftadd_matmuls_run_on_the_sign_kernel(mlp_path: Path, tmp_path: Path,
     )
     rng = np.random.default_rng(5)
     calibration = CalibrationData([{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(2)])
-    out_dir = tmp_path / "out"
-    result = kiln.compile_model(
-        mlp_path, out_dir, recipe, calibration=calibration, target_options={"dims": {"batch": 1}}
-    )
+    options = {"dims": {"batch": 1}, "shiftadd_kernel": kernel}
+    result = kiln.compile_model(mlp_path, out_dir, recipe, calibration=calibration, target_options=options)
     assert result.report["target"]["lowered"] == {"ShiftAddMatMul": 2}
-    assert result.report["target"]["gemv_kernels"] == {"packed": 0, "shiftadd": kernels, "float": 0}
-    x = rng.standard_normal((1, 64)).astype(np.float32)
+    return result.report["target"]["gemv_kernels"]
+
+
+@pytest.mark.parametrize(("group", "kernels"), [(32, 2), (16, 0)])
+def test_shiftadd_matmuls_run_on_the_sign_kernel(mlp_path: Path, tmp_path: Path, group: int, kernels: int):
+    """ShiftAddMatMul nodes become the kernel (groups of whole 32-row words) or float weights (groups of 16), with
+    the numbers of the op's function form in ONNX Runtime."""
+    out_dir = tmp_path / "out"
+    counts = _compile_shiftadd(mlp_path, out_dir, group, "sign")
+    assert counts == {"packed": 0, "shiftadd": kernels, "shiftadd_lut": 0, "float": 0}
+    assert json.loads((out_dir / runner.METADATA).read_text())["runtime_functions"] == []
+    x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
     assert np.abs(runner.TvmRunner.from_dir(out_dir)({"x": x})["y"] - _exact_ort(out_dir, x)).max() < 1e-4
+
+
+@pytest.mark.skipif(not shiftadd_lut.available(), reason="the table-lookup kernel needs x86-64 with AVX2")
+@pytest.mark.parametrize("group", [32, 16])
+def test_shiftadd_matmuls_call_the_lut_kernel(mlp_path: Path, tmp_path: Path, group: int):
+    """By default both ShiftAddMatMul nodes call kiln's C kernel (groups of 8 rows suffice), with the numbers ONNX
+    Runtime gives when its PyOp runs the same kernel; the library lists the function it needs registered."""
+    out_dir = tmp_path / "out"
+    counts = _compile_shiftadd(mlp_path, out_dir, group, "lut")
+    assert counts == {"packed": 0, "shiftadd": 0, "shiftadd_lut": 2, "float": 0}
+    assert json.loads((out_dir / runner.METADATA).read_text())["runtime_functions"] == [shiftadd_lut.FUNCTION]
+    x = np.random.default_rng(6).standard_normal((1, 64)).astype(np.float32)
+    model = kiln.load(out_dir / "model.onnx")
+    assert shiftadd_ort.use_kernel(model) == 2
+    options = shiftadd_ort.session_options(threads=1, activations="int8")
+    pyop = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = runner.TvmRunner.from_dir(out_dir)({"x": x})["y"]
+    np.testing.assert_allclose(y, pyop.run(["y"], {"x": x})[0], rtol=1e-5, atol=1e-5)
+    exact = _exact_ort(out_dir, x)  # the op's float reference, within the 8-bit activations' rounding
+    assert 0 < np.abs(y - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_a_library_calling_an_unknown_function_is_refused(mlp_path: Path, tmp_path: Path):
+    out_dir = tmp_path / "out"
+    _compile_shiftadd(mlp_path, out_dir, 32, "lut")
+    metadata = json.loads((out_dir / runner.METADATA).read_text())
+    metadata["runtime_functions"] = ["other.kernel"]
+    with pytest.raises(KilnError, match=re.escape("calls 'other.kernel', which this kiln does not provide")):
+        runner.TvmRunner(out_dir / runner.LIBRARY, metadata)
