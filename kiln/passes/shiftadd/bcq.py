@@ -46,8 +46,8 @@ Power-of-two scales cost more than binary coding gains on this model (see :mod:`
 3-bit mantissa wins most of it back at the same bytes. Sequential, 32 calibration windows
 (``tools/calibration_size.py``): 3 planes 36.56 (t = 0), 31.33 (t = 2), 30.86 (t = 3), 31.63 (t = 4); 2 planes 69.9
 (t = 0) and 55.95 (t = 3); with rows priced by their cost after compensation (:mod:`kiln.passes.shiftadd.fit`)
-3 planes 30.07, 2 planes 56.26. kiln's GPTQ at 3 bits reached 30.33 on the same protocol before its act-order
-clip search got the same pricing.
+3 planes 30.07, 2 planes 56.26. kiln's GPTQ at 3 bits reaches 29.91 on the same protocol (30.33 before its
+act-order clip search got the same pricing).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ With ``mantissa_bits = t > 0`` each scale is an int8 code ``c = 2^t e + f`` stan
 a product with one costs at most ``t`` more shifts and adds. Rounding to the nearest code is in log distance, and
 the search below steps codes by one, so ``t = 0`` fits as before (``rint(log2 |alpha|)``, ties aside). On the
 synthetic layer of the tests (K=256, groups of 64, act-order) the relative output error at 3 planes is 0.157,
-0.129, 0.116, 0.114 for ``t = 0, 1, 2, 3``; at 2 planes 0.272, 0.242, 0.227, 0.228.
+0.129, 0.117, 0.115 for ``t = 0, 1, 2, 3``; at 2 planes 0.272, 0.242, 0.227, 0.228.
 
 Scales of a group (:func:`fit_scales`), per column, minimizing the weighted error ``sum_k d_k (w_k - w'_k)^2``.
 With compensation, ``d_k = 1 / [H^-1]_kk`` taken on the rows still open when row k is reached (``1 / U[k, k]^2``
