@@ -111,7 +111,7 @@ def register() -> None:
     import tvm_ffi
 
     if not available():
-        raise KilnError(f"{FUNCTION} needs an x86-64 CPU with AVX2 and a C compiler; this machine has neither")
+        raise KilnError(f"{FUNCTION} needs an x86-64 CPU with AVX2 and a C compiler, which this machine lacks")
     root = Path(tvm_ffi.__file__).parent
     flags = [f"-I{root / 'include'}", f"-L{root / 'lib'}", "-ltvm_ffi", f"-Wl,-rpath,{root / 'lib'}"]
     library = ctypes.CDLL(str(shiftadd_kernel.build("shiftadd-tvm", shiftadd_kernel.SOURCE + _GLUE, flags)))

@@ -166,3 +166,15 @@ def test_a_library_calling_an_unknown_function_is_refused(mlp_path: Path, tmp_pa
     metadata["runtime_functions"] = ["other.kernel"]
     with pytest.raises(KilnError, match=re.escape("calls 'other.kernel', which this kiln does not provide")):
         runner.TvmRunner(out_dir / runner.LIBRARY, metadata)
+
+
+def test_without_avx2_the_sign_kernel_runs_and_the_lut_is_refused(
+    mlp_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A CPU without the table-lookup kernel compiles shift-add onto TVM's sign kernel, and a library that needs the
+    kernel cannot be loaded there."""
+    monkeypatch.setattr(shiftadd_lut, "available", lambda: False)
+    counts = _compile_shiftadd(mlp_path, tmp_path / "out", 32, "lut")
+    assert counts == {"packed": 0, "shiftadd": 2, "shiftadd_lut": 0, "float": 0}
+    with pytest.raises(KilnError, match=re.escape("kiln.shiftadd_lut needs an x86-64 CPU with AVX2 and a C compiler")):
+        shiftadd_lut.register.__wrapped__()
