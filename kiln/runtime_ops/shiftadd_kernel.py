@@ -162,7 +162,8 @@ static void quantize_tables(const float* a, int64_t k, int64_t group, int64_t gr
         if (m > 0.0f) frexpf(m, &p);
         ex[g] = m > 0.0f ? 8 - p : 0;
         /* times 2^ex[g] (exact), round to nearest even as rintf, clamp; group is a multiple of 8 */
-        const __m256 scale = _mm256_set1_ps(ldexpf(1.0f, ex[g]));
+        const float factor = ldexpf(1.0f, ex[g]);
+        const __m256 scale = _mm256_set1_ps(factor);
         int64_t r = k0;
         for (; r + 8 <= k1; r += 8) {
             __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(a + r), scale),
@@ -172,7 +173,7 @@ static void quantize_tables(const float* a, int64_t k, int64_t group, int64_t gr
             _mm_storeu_si128((__m128i*)(x + r), i16);
         }
         for (; r < k1; ++r) {
-            float v = rintf(a[r] * ldexpf(1.0f, ex[g]));
+            float v = rintf(a[r] * factor);
             x[r] = (int16_t)(v > 255.0f ? 255.0f : (v < -255.0f ? -255.0f : v));
         }
     }

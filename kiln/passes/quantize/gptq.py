@@ -616,6 +616,15 @@ def _inverse_lower(lower: np.ndarray) -> np.ndarray:
     return inverse
 
 
+def compensated_costs(u: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """What each row's rounding error costs once the rows after it in ``order`` have absorbed what they can:
+    ``1 / [H^-1]_kk`` on the rows still open at k, ``= 1 / U[k, k]^2`` with ``U`` the upper Cholesky factor of the
+    permuted ``H^-1`` (:func:`upper_inverse_cholesky`). Indexed by original row."""
+    costs = np.empty(len(order), dtype=np.float64)
+    costs[order] = 1.0 / np.square(np.diag(u).astype(np.float64))
+    return costs
+
+
 def upper_inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """Upper triangular ``U`` with ``H^-1 = U^T U``.
 
@@ -697,8 +706,7 @@ def gptq(
     work = np.asarray(w, dtype=np.float32)[order]
     codes = np.empty((k, n), dtype=spec.code_dtype)
     if act_order and clip_ratios:
-        costs = np.empty(k, dtype=np.float32)  # what row r's rounding error costs once later rows absorbed it
-        costs[order] = 1.0 / np.square(np.diag(u))
+        costs = compensated_costs(u, order)
         static = clip_search(np.asarray(w, dtype=np.float32), costs, spec, clip_ratios, scale_dtype, independent_ends)
         scales, zero_points = static.scales, static.zero_points
     elif act_order:

@@ -63,7 +63,7 @@ import dataclasses
 
 import numpy as np
 
-from kiln.passes.quantize.gptq import upper_inverse_cholesky
+from kiln.passes.quantize.gptq import compensated_costs, upper_inverse_cholesky
 from kiln.runtime_ops import shiftadd
 
 #: Rows updated one by one inside a group before the rest of the group gets their errors in one product.
@@ -230,10 +230,7 @@ def bcq_gptq(
     if compensate:
         h[np.diag_indices(k)] = diagonal + damp * float(diagonal.mean())
         u = upper_inverse_cholesky(h[np.ix_(order, order)]).astype(np.float32)
-        # What a row's rounding error costs once the rows after it have absorbed it: 1 / [H^-1]_rr on the rows
-        # still open when row r is reached, = 1 / U[r, r]^2 (module docstring).
-        row_costs = np.empty(k)
-        row_costs[order] = 1.0 / np.square(np.diag(u).astype(np.float64))
+        row_costs = compensated_costs(u, order)  # module docstring
     else:
         row_costs = diagonal
     del h

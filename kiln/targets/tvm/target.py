@@ -147,7 +147,8 @@ class TvmTarget(Target):
         )
         with _tvm_errors(model_file, "import"):
             mod = relax_build.import_onnx(prepared.proto, prepared.shapes, qdq.importer_converters())
-            lut = cpu and self.host_kernels and opts.shiftadd_kernel == "lut" and shiftadd_lut.available()
+            shifts = any(weight.kind == "shiftadd" for weight in prepared.packed.values())
+            lut = cpu and self.host_kernels and opts.shiftadd_kernel == "lut" and shifts and shiftadd_lut.available()
             mod, kernels = gemv.use_kernels(mod, prepared.packed, len(prepared.shapes), cpu, lut)
             if cpu:
                 if any(prepared.lowered.get(k) for k in ("QDQ MatMul", "QDQ Conv", "DynamicQuantizeMatMul")):
