@@ -614,6 +614,28 @@ def test_max_model_error_keeps_an_stft_float() -> None:
     assert errors[0.2] < 0.01 < 0.2 < errors[None]
 
 
+def test_max_error_share_keeps_float_the_layer_doing_most_of_the_damage() -> None:
+    rng = np.random.default_rng(1)
+    feeds = [{"audio": rng.standard_normal((4, 1, 2048)).astype(np.float32)} for _ in range(4)]
+    original = ir.to_proto(_stft_model())
+    measured = _quantize(ir.from_proto(original), feeds, max_model_error=100.0, check_fusion=False).details["layers"]
+    errors = {label: layer["model_error"] for label, layer in measured.items()}
+    assert set(errors) == {"stft", "melbank", "classifier"}
+    total = sum(errors.values())
+    worst, second = sorted(errors, key=errors.get, reverse=True)[:2]
+    assert errors[worst] > 1.2 * errors[second]
+    share = (errors[worst] + errors[second]) / 2 / total  # between the two largest shares
+    model = ir.from_proto(original)
+    sq = _quantize(model, feeds, max_error_share=share, check_fusion=False)
+    assert set(sq.details["layers"]) == set(errors) - {worst}
+    reason = sq.details["skipped"][worst]
+    assert f"{errors[worst] / total:.1%} of the sum over all 3 layers > max_error_share" in reason
+    for label, layer in sq.details["layers"].items():
+        assert layer["model_error"] == pytest.approx(errors[label], rel=1e-6)
+    with pytest.raises(ValueError, match=r"max_error_share must be in \(0, 1\), got 1"):
+        StaticInt8Options(max_error_share=1)
+
+
 def test_options_and_recipes() -> None:
     with pytest.raises(RecipeError, match="method"):
         create("quantize.static-int8", {"method": "l2"})
