@@ -345,19 +345,18 @@ class StaticInt8(KilnPass):
         kept = []
         for site in sites:
             error = errors[site.label]
-            why = f"quantized alone, it changes the model's outputs by {error:.3g} (relative)"
             if limit is not None and error > limit:
-                why += " > max_model_error"
+                bound = " > max_model_error"
             elif share is not None and error > share * total:
-                why += f", {error / total:.1%} of the sum over all {len(sites)} layers > max_error_share"
-            else:
-                why = ""
-            if why:
-                del self.details["layers"][site.label]
-                self.details["skipped"][site.label] = why
+                bound = f", {error / total:.1%} of the sum over all {len(sites)} layers > max_error_share"
             else:
                 self.details["layers"][site.label]["model_error"] = error
                 kept.append(site)
+                continue
+            del self.details["layers"][site.label]
+            self.details["skipped"][site.label] = (
+                f"quantized alone, it changes the model's outputs by {error:.3g} (relative){bound}"
+            )
         return kept
 
     def _rewrite(
