@@ -93,6 +93,8 @@ class CompensateOptions(GPTQOptions):
         super().__post_init__()
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
+        if self.value_hessian != "input" and self.method != "gptq":
+            raise ValueError("value_hessian='attention' needs method='gptq' (round to nearest uses no Gram)")
         if self.allocation not in ("uniform", "optimal"):
             raise ValueError(f"allocation must be 'uniform' or 'optimal', got {self.allocation!r}")
         if self.rank < 1:

@@ -278,6 +278,8 @@ class AWQOptions(GPTQOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.value_hessian != "input":
+            raise ValueError("quantize.awq prices every weight by its input's Gram: leave value_hessian at 'input'")
         if self.grid_points < 1:
             raise ValueError(f"grid_points must be >= 1, got {self.grid_points}")
         if self.stages != 1:

@@ -106,6 +106,20 @@ class QuantizedWeight:
         return self.spec.group_len(self.k)
 
 
+def concatenate_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Weights of the same rows and grid, quantized column block by column block, as one ``[K, sum N]`` weight."""
+    first = parts[0]
+    if any(p.spec != first.spec or p.k != first.k for p in parts):
+        raise ValueError("column blocks must share their rows and grid")
+    zero_points = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts], axis=1)
+    return QuantizedWeight(
+        np.concatenate([p.codes for p in parts], axis=1),
+        np.concatenate([p.scales for p in parts], axis=1),
+        zero_points,
+        first.spec,
+    )
+
+
 def _round_half_up(x: np.ndarray) -> np.ndarray:
     """floor(x + 0.5), exactly: ``x - floor(x)`` is exact in float32, ``x + 0.5`` is not."""
     f = np.floor(x)

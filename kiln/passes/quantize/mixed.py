@@ -182,6 +182,8 @@ class MixedOptions(GPTQOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.value_hessian != "input":
+            raise ValueError("quantize.mixed prices every weight by its input's Gram: leave value_hessian at 'input'")
         if not self.candidate_bits:
             raise ValueError("candidate_bits must name at least one width")
         if self.stages != 1:
