@@ -73,6 +73,7 @@ from kiln.passes._base import KilnPass
 from kiln.passes.quantize.gptq import Group, MemberKey, Statistics, damping, load_weight, quadratic, split_stages
 from kiln.passes.quantize.mixed import _ModelProbe, _scale_to_model, allocate
 from kiln.passes.quantize.rtn import RTNOptions, WeightOnlyRTN, WeightSite
+from kiln.passes.quantize.value_gram import value_grams
 from kiln.passes.shiftadd.fit import BCQWeight, bcq_gptq
 from kiln.runtime_ops import shiftadd
 
@@ -95,6 +96,9 @@ class BCQOptions:
     * ``stages``: collect statistics in this many stages, each on the model with the earlier stages' weights
       already fitted, as ``quantize.gptq``'s ``stages`` (not with ``average_bits``, which scores every layer first).
     * ``sequential``: fit every layer group in graph order toward the float model's outputs (module docstring).
+    * ``value_hessian``: "attention" fits a value projection one KV head's columns at a time against the Gram of
+      the head's attention-averaged inputs, as ``quantize.gptq``'s option (:mod:`kiln.passes.quantize.value_gram`).
+      SmolLM2 at 3 planes, one pass of statistics: perplexity 33.59 -> 31.22; with ``sequential``: 30.07 -> 30.88.
     * ``op_types``, ``min_elements``, ``exclude``, ``quantize_lm_head``: which nodes, as in ``quantize.rtn``.
     * ``stats_memory_mb``: memory for Grams while collecting statistics.
     """
@@ -113,6 +117,7 @@ class BCQOptions:
     damp: float = 0.01
     stages: int = 1
     sequential: bool = False
+    value_hessian: Literal["input", "attention"] = "input"
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     min_elements: int = 4096
     exclude: list[str] = dataclasses.field(default_factory=list)
@@ -148,6 +153,8 @@ class BCQOptions:
             raise ValueError(
                 "sequential=True takes every layer group in order: leave stages at 1 and average_bits unset"
             )
+        if self.value_hessian != "input" and self.average_bits is not None:
+            raise ValueError("value_hessian='attention' takes fixed planes: leave average_bits unset")
         if self.sensitivity_batches < 1:
             raise ValueError(f"sensitivity_batches must be >= 1, got {self.sensitivity_batches}")
         if self.stats_memory_mb <= 0:
@@ -204,6 +211,11 @@ class ShiftAddBCQ(KilnPass):
         fitted: dict[MemberKey, tuple[BCQWeight, dict[str, Any]]] = {}
         passes = 0
         steps = None
+        self._value_grams: dict[str, list[np.ndarray]] = {}
+        if opts.value_hessian == "attention":
+            assert self.context.calibration is not None  # checked by requires()
+            self._value_grams, why = value_grams(model, self.context.calibration)
+            self.details["value_hessian"] = {"layers": len(self._value_grams)} | ({"skipped": why} if why else {})
         try:
             with tempfile.TemporaryDirectory(prefix="kiln-stats-") as tmp:
                 stats = Statistics(Path(tmp))
@@ -280,8 +292,14 @@ class ShiftAddBCQ(KilnPass):
             targets = {key: refit_target(w, refit[0], refit[1], lam).astype(np.float32) for key, w in weights.items()}
         fits = {key: allocated[key] for key in group.members if key in allocated}
         rest = [key for key in group.members if key not in fits]
+        heads = {key: self._value_grams[str(key[0].name)] for key in rest if str(key[0].name) in self._value_grams}
+        rest = [key for key in rest if key not in heads]
         if rest:
             fits |= dict(zip(rest, self._fit([targets[key] for key in rest], hessian, self.options.bits)))
+        for key, grams in heads.items():
+            width = targets[key].shape[1] // len(grams)
+            blocks = [targets[key][:, g * width : (g + 1) * width] for g in range(len(grams))]
+            fits[key] = BCQWeight.concatenate([self._fit([b], h, self.options.bits)[0] for b, h in zip(blocks, grams)])
         results = {}
         for key in group.members:
             w, fitted = weights[key], fits[key]
@@ -296,6 +314,8 @@ class ShiftAddBCQ(KilnPass):
                 "weight_rel_error": float(np.linalg.norm(diff) / max(np.linalg.norm(w), 1e-30)),
                 "output_rel_error": math.sqrt(max(error, 0.0) / signal) if signal > 0 else 0.0,
             }
+            if key in heads:
+                info["hessian"] = "attention"
             results[key] = (fitted, info)
         return results
 

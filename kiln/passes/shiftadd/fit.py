@@ -102,6 +102,19 @@ class BCQWeight:
         codes, exponents = self.codes[:, cols].copy(), self.exponents[:, cols].copy()
         return BCQWeight(codes, exponents, self.group_size, self.mantissa_bits)
 
+    @staticmethod
+    def concatenate(parts: list[BCQWeight]) -> BCQWeight:
+        """Fits of the same rows, made column block by column block, as one weight."""
+        first = parts[0]
+        if any(
+            (p.group_size, p.mantissa_bits, p.bits) != (first.group_size, first.mantissa_bits, first.bits)
+            for p in parts
+        ):
+            raise ValueError("column blocks must share their group size, planes and mantissa bits")
+        codes = np.concatenate([p.codes for p in parts], axis=1)
+        exponents = np.concatenate([p.exponents for p in parts], axis=1)
+        return BCQWeight(codes, exponents, first.group_size, first.mantissa_bits)
+
 
 def sign_matrix(bits: int) -> np.ndarray:
     """``M`` [2^q, q] with ``M[j, i] = 2 bit_i(j) - 1``: level j is ``M[j] @ alpha``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -15,7 +17,9 @@ from kiln.compiler.calibration import CalibrationData
 from kiln.errors import KilnError, RecipeError
 from kiln.passes import PassContext
 from kiln.passes.quantize import int8
+from kiln.passes.quantize.value_gram import value_grams
 from kiln.passes.shiftadd.bcq import ShiftAddBCQ
+from kiln.passes.shiftadd.fit import BCQWeight, bcq_gptq
 from kiln.runtime_ops import shiftadd
 
 RNG = np.random.default_rng(0)
@@ -184,6 +188,27 @@ def test_needs_calibration() -> None:
         registry.create("shiftadd.bcq")(testing.mlp([32, 32]))
 
 
+def test_value_projection_is_fitted_per_kv_head_against_its_attention_gram(tmp_path: Path) -> None:
+    """``value_hessian = "attention"``: a Llama's V weight is fitted one KV head's columns at a time against that
+    head's Gram of attention-averaged inputs (:mod:`kiln.passes.quantize.value_gram`); Q and K as before."""
+    path = testing.write_llama(tmp_path, layers=2, hidden=48, intermediate=64, vocab=40, heads=6, kv_heads=2)
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(0, 40, (2, 7), dtype=np.int64)} for _ in range(2)]
+    model = ir.load(path)
+    w = model.graph.initializers["layers.1.v_proj"].const_value.numpy().copy()
+    grams, _ = value_grams(model, CalibrationData(feeds))
+    options = {"min_elements": 0, "bits": 3, "group_size": 16, "value_hessian": "attention"}
+    pass_ = registry.create("shiftadd.bcq", options, PassContext(calibration=CalibrationData(feeds)))
+    pass_(model)
+    assert pass_.details["value_hessian"] == {"layers": 2}
+    layers = pass_.details["layers"]
+    assert layers["layers.1.v"]["hessian"] == "attention" and "hessian" not in layers["layers.1.k"]
+    blocks = [w[:, g * 8 : (g + 1) * 8] for g in range(2)]
+    fits = [bcq_gptq(b, h, 3, 16, act_order=True, refits=1) for b, h in zip(blocks, grams["layers.1.v_proj"])]
+    expected = np.linalg.norm(w - BCQWeight.concatenate(fits).dequantize()) / np.linalg.norm(w)
+    assert layers["layers.1.v"]["weight_rel_error"] == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -197,6 +222,7 @@ def test_needs_calibration() -> None:
         ({"stages": 2, "average_bits": 2.5}, r"stages must be 1 with average_bits"),
         ({"sequential": True, "stages": 2}, r"sequential=True takes every layer group in order"),
         ({"mantissa_bits": 5}, r"mantissa_bits must be 0\.\.4, got 5"),
+        ({"value_hessian": "attention", "average_bits": 2.5}, r"value_hessian='attention' takes fixed planes"),
     ],
 )
 def test_bad_options(options: dict, message: str) -> None:
