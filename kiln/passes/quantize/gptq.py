@@ -835,21 +835,18 @@ class GPTQ(CalibratedWeightOnly):
         (``value_hessian``) alone, one KV head's columns at a time against that head's Gram."""
         spec = self.options.spec
         values = [self._value_grams.get(str(value.name)) for value, _ in group.members]
-        results: list[MemberResult | None] = [None] * len(weights)
-        rest = [i for i, grams in enumerate(values) if grams is None]
-        if rest:
-            for i, q in zip(rest, self.joint([weights[i] for i in rest], self.hessian(group), spec)):
-                results[i] = MemberResult(q, grid.dequantize(q))
-        for i, grams in enumerate(values):
-            if grams is not None:
-                width = weights[i].shape[1] // len(grams)
-                heads = [
-                    self.joint([weights[i][:, g * width : (g + 1) * width]], gram, spec)[0]
-                    for g, gram in enumerate(grams)
-                ]
-                q = grid.concatenate_columns(heads)
-                results[i] = MemberResult(q, grid.dequantize(q), info={"hessian": "attention"})
-        return [r for r in results if r is not None]
+        rest = [w for w, grams in zip(weights, values) if grams is None]
+        joint = iter(self.joint(rest, self.hessian(group), spec) if rest else [])
+        results = []
+        for w, grams in zip(weights, values):
+            if grams is None:
+                q = next(joint)
+                results.append(MemberResult(q, grid.dequantize(q)))
+            else:
+                blocks = np.split(w, len(grams), axis=1)
+                q = grid.concatenate_columns([self.joint([b], h, spec)[0] for b, h in zip(blocks, grams)])
+                results.append(MemberResult(q, grid.dequantize(q), info={"hessian": "attention"}))
+        return results
 
     def joint(self, weights: list[np.ndarray], hessian: np.ndarray, spec: grid.GridSpec) -> list[grid.QuantizedWeight]:
         """GPTQ of weights sharing ``hessian``, as one problem over their concatenated columns."""

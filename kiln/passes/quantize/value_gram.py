@@ -78,20 +78,18 @@ def value_grams(model: ir.Model, calibration: CalibrationData) -> tuple[dict[str
 
     ``model`` is not changed: the extra products are added to a copy.
     """
+    copy = model.clone()
     try:
-        attentions = [s.attention for s in find_structure(model).attentions() if s.attention is not None]
+        attentions = [s.attention for s in find_structure(copy).attentions() if s.attention is not None]
     except StructureError as error:
         return {}, f"no transformer structure: {error}"
     full = [a for a in attentions if not a.past]
     if not full:
         return {}, "every attention reads a KV cache (a decode graph): the input Gram is used"
-    names = [a.v.weight.name for a in full]
-    copy = model.clone()
-    copied = {a.v.weight.name: a for s in find_structure(copy).attentions() if (a := s.attention) is not None}
     reducers: dict[str, list[Reducer]] = {}
     grams: dict[str, _HeadGrams] = {}
-    for name in names:
-        attention = copied[name]
+    for attention in full:
+        name = str(attention.v.weight.name)
         probabilities, inputs = attention.softmax.outputs[0], attention.v.input
         axes = ir.Value(name=f"{name}_value_gram_axes", const_value=ir.tensor(np.array([1], dtype=np.int64)))
         copy.graph.register_initializer(axes)

@@ -297,8 +297,7 @@ class ShiftAddBCQ(KilnPass):
         if rest:
             fits |= dict(zip(rest, self._fit([targets[key] for key in rest], hessian, self.options.bits)))
         for key, grams in heads.items():
-            width = targets[key].shape[1] // len(grams)
-            blocks = [targets[key][:, g * width : (g + 1) * width] for g in range(len(grams))]
+            blocks = np.split(targets[key], len(grams), axis=1)
             fits[key] = BCQWeight.concatenate([self._fit([b], h, self.options.bits)[0] for b, h in zip(blocks, grams)])
         results = {}
         for key in group.members:
