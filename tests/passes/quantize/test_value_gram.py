@@ -14,7 +14,7 @@ from kiln.compiler.calibration import CalibrationData
 from kiln.errors import KilnError
 from kiln.passes import PassContext, create
 from kiln.passes.prune.structure import find_structure
-from kiln.passes.quantize import grid
+from kiln.passes.quantize import grid, value_gram
 from kiln.passes.quantize.gptq import CLIP_RATIOS, gptq
 from kiln.passes.quantize.value_gram import value_grams
 from tests.passes.prune.prunegraphs import run, set_weight, weight
@@ -134,3 +134,17 @@ def test_a_model_without_attention_keeps_the_input_gram(tmp_path: Path) -> None:
 def test_bad_value_hessian_options(name: str, options: dict[str, object], message: str) -> None:
     with pytest.raises(KilnError, match=re.escape(message)):
         create(name, options)
+
+
+def test_head_grams_refuse_a_batch_of_the_wrong_layout_and_an_empty_sample() -> None:
+    grams = value_gram._HeadGrams("layers.0.v", heads=6, kv_heads=2)
+    with pytest.raises(KilnError, match=re.escape("value Gram of 'layers.0.v': no calibration rows reached it")):
+        _ = grams.value
+    with pytest.raises(
+        KilnError,
+        match=re.escape(
+            "value Gram of 'layers.0.v': attention-averaged inputs have shape [2, 4, 7, 48], "
+            "expected [batch, 6 heads, queries, channels]"
+        ),
+    ):
+        grams.update(np.zeros((2, 4, 7, 48), np.float32))
